@@ -1,0 +1,209 @@
+"""A generated LoRA adapter and its on-disk / on-the-wire forms.
+
+Forms, all deterministic (same tensors and provenance → same bytes):
+    PEFT directory     adapter_config.json + adapter_model.safetensors (`save_pretrained`)
+    safetensors bytes  one self-describing file: `__metadata__` carries the adapter config and provenance
+                       (`iter_safetensors` streams it, header first; byte-identical to safetensors' own
+                       writer for the same tensors and metadata, see `safetensors_header`)
+    tar                the PEFT directory as a tar stream (`iter_tar`), for `tar x` then vLLM/LoRAX
+
+Keys follow PEFT's naming for Llama-family models: base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight
+(mlp projections under `.mlp.`), A [r, d_in], B [d_out, r]; no scaling folded in: PEFT applies
+lora_alpha/sqrt(r) (rsLoRA) when it loads the adapter.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import tarfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from generator.config import HyperConfig, ModuleSpec
+from generator.errors import InputError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# safetensors' names for dtypes, and its on-disk order: higher rank first, then by name
+_ST_DTYPES = {torch.float32: ("F32", 3), torch.bfloat16: ("BF16", 2), torch.float16: ("F16", 1)}
+CHUNK = 1 << 20  # 1 MiB pieces: small enough to interleave many streams, large enough to be cheap
+TAR_MTIME = 0  # fixed, so a tar of the same adapter is the same bytes
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def peft_key(layer: int, module: ModuleSpec, which: str) -> str:
+    """PEFT state-dict key of lora_A / lora_B ('A' or 'B') of `module` in decoder layer `layer`."""
+    return f"base_model.model.model.layers.{layer}.{module.parent}.{module.name}.lora_{which}.weight"
+
+
+def peft_config(hyper: HyperConfig) -> dict:
+    """adapter_config.json contents: what PEFT, vLLM and LoRAX read, independent of the PEFT version."""
+    alpha = int(hyper.lora_alpha) if float(hyper.lora_alpha).is_integer() else hyper.lora_alpha
+    return {
+        "base_model_name_or_path": hyper.base_model,
+        "revision": hyper.base_model_revision,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": hyper.r,
+        "lora_alpha": alpha,
+        "use_rslora": hyper.use_rslora,
+        "target_modules": hyper.target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """One adapter: named contiguous CPU tensors in their output dtype, its PEFT config and provenance."""
+
+    tensors: Mapping[str, torch.Tensor]
+    config: dict
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_generated(
+        cls,
+        hyper: HyperConfig,
+        ab: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        dtype: str = "float32",
+        provenance: Mapping[str, str] | None = None,
+    ) -> LoraAdapter:
+        """`ab`: module → (A (N, r, d_in), B (N, d_out, r)) for one task, as the hypernetwork emits them."""
+        out_dtype = parse_dtype(dtype)
+        tensors = {}
+        for m in hyper.modules:
+            a, b = ab[m.name]
+            for layer in range(hyper.n_layers):
+                tensors[peft_key(layer, m, "A")] = a[layer].detach().to("cpu", out_dtype).contiguous()
+                tensors[peft_key(layer, m, "B")] = b[layer].detach().to("cpu", out_dtype).contiguous()
+        prov = {"dtype": dtype, "base_model": hyper.base_model, **(provenance or {})}
+        return cls(dict(sorted(tensors.items())), peft_config(hyper), {k: str(v) for k, v in prov.items()})
+
+    # ---- safetensors ----
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors `__metadata__`: PEFT's format tag, the adapter config and provenance as JSON."""
+        return {
+            "format": "pt",
+            "adapter_config": json.dumps(self.config, sort_keys=True, separators=(",", ":")),
+            "loragen": json.dumps(self.provenance, sort_keys=True, separators=(",", ":")),
+        }
+
+    def safetensors_header(self) -> bytes:
+        return safetensors_header(self.tensors, self.metadata())
+
+    def safetensors_size(self) -> int:
+        return len(self.safetensors_header()) + sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def iter_safetensors(self, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """The safetensors file in pieces of at most `chunk_size` bytes: header first, then tensor data."""
+        return iter_safetensors(self.tensors, self.metadata(), chunk_size)
+
+    def safetensors_bytes(self) -> bytes:
+        return b"".join(self.iter_safetensors())
+
+    # ---- PEFT directory and tar ----
+
+    def config_json(self) -> bytes:
+        return (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode()
+
+    def save_pretrained(self, out_dir: str | Path) -> Path:
+        """Write a PEFT adapter directory that `PeftModel.from_pretrained` and vLLM load."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ADAPTER_CONFIG).write_bytes(self.config_json())
+        with open(out / ADAPTER_WEIGHTS, "wb") as f:
+            for piece in self.iter_safetensors():
+                f.write(piece)
+        return out
+
+    def tar_size(self) -> int:
+        written = sum(512 + _pad512(n) for n in (len(self.config_json()), self.safetensors_size()))
+        return written + _tar_tail(written)
+
+    def iter_tar(self, prefix: str = "", chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """A ustar archive of the PEFT directory, streamed; files under `prefix/` when a prefix is given."""
+        written = 0
+        for name, size, pieces in (
+            (ADAPTER_CONFIG, len(self.config_json()), iter([self.config_json()])),
+            (ADAPTER_WEIGHTS, self.safetensors_size(), self.iter_safetensors(chunk_size)),
+        ):
+            info = tarfile.TarInfo(f"{prefix.strip('/')}/{name}" if prefix else name)
+            info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
+            yield info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+            yield from pieces
+            yield b"\0" * (_pad512(size) - size)
+            written += 512 + _pad512(size)
+        yield b"\0" * _tar_tail(written)
+
+    def tar_bytes(self, prefix: str = "") -> bytes:
+        return b"".join(self.iter_tar(prefix))
+
+
+def _ordered(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """safetensors' data order: higher-ranked dtype first, then by name."""
+    return sorted(tensors.items(), key=lambda kv: (-_ST_DTYPES[kv[1].dtype][1], kv[0]))
+
+
+def safetensors_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None) -> bytes:
+    """8-byte little-endian length + JSON header padded with spaces to a multiple of 8, laid out as
+    safetensors writes it: metadata first (omitted when None), tensors in data order, compact JSON.
+    Metadata keys are sorted: safetensors' own writer orders several keys at random per process."""
+    header: dict = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name, t in _ordered(tensors):
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype][0], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def iter_safetensors(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None, chunk_size: int = CHUNK
+) -> Iterator[bytes]:
+    """A safetensors file streamed: the header, then each tensor's bytes in pieces of <= chunk_size.
+    Byte-identical to `safetensors.torch.save(tensors, metadata)` whenever that is deterministic
+    (at most one metadata key); otherwise equal up to the order of metadata keys."""
+    yield safetensors_header(tensors, metadata)
+    for _, t in _ordered(tensors):
+        data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        for i in range(0, len(data), chunk_size):
+            yield bytes(data[i : i + chunk_size])
+
+
+def _pad512(n: int) -> int:
+    return -(-n // 512) * 512
+
+
+def _tar_tail(written: int) -> int:
+    """Two zero blocks, then zeros up to tarfile's 10240-byte record, as tarfile.close() writes."""
+    end = written + 1024
+    return 1024 + (-end % tarfile.RECORDSIZE)
+
+
+def read_safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file given as bytes (or at least its header)."""
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]).get("__metadata__", {})

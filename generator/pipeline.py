@@ -1,0 +1,138 @@
+"""Inputs → LoRA adapters: a checkpoint's hypernetwork plus, when texts are given, its task encoder.
+
+    texts ─► TaskEncoder ─► (B, E) ─┐
+    embeddings (already preprocessed)┴► HyperLoRA ─► {module: A (B, N, r, d_in), B (B, N, d_out, r)}
+                                                   ─► one LoraAdapter per input
+
+One call is one batch: the encoder and the hypernetwork each run once for all inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from generator import __version__
+from generator.adapter import LoraAdapter, parse_dtype
+from generator.checkpoint import Checkpoint, load_checkpoint
+from generator.encoder import TaskEncoder
+from generator.errors import InputError
+
+KINDS = ("task", "document", "embedding")
+
+
+@dataclass(frozen=True)
+class TaskInput:
+    """One request: a task description, a document, or a ready task embedding (a tuple of E floats)."""
+
+    kind: str
+    text: str = ""
+    embedding: tuple[float, ...] = ()
+
+    @classmethod
+    def task(cls, text: str) -> TaskInput:
+        return cls("task", text=_clean(text, "task description"))
+
+    @classmethod
+    def document(cls, text: str) -> TaskInput:
+        return cls("document", text=_clean(text, "document"))
+
+    @classmethod
+    def from_embedding(cls, values: Sequence[float] | torch.Tensor) -> TaskInput:
+        t = torch.as_tensor(values, dtype=torch.float32) if not isinstance(values, torch.Tensor) else values.float()
+        if t.dim() == 2 and t.shape[0] == 1:
+            t = t[0]
+        if t.dim() != 1 or t.numel() == 0:
+            raise InputError(f"an embedding must have shape [E] or [1, E], got {list(t.shape)}")
+        if not torch.isfinite(t).all():
+            raise InputError("the embedding holds NaN or infinite values")
+        return cls("embedding", embedding=tuple(t.tolist()))
+
+    def digest(self) -> str:
+        """sha256 of the normalised input: what the adapter was generated from."""
+        if self.kind == "embedding":
+            payload = torch.tensor(self.embedding, dtype=torch.float32).numpy().tobytes()
+            return hashlib.sha256(b"embedding:" + payload).hexdigest()
+        return hashlib.sha256(json.dumps([self.kind, self.text]).encode()).hexdigest()
+
+
+def _clean(text: str, what: str) -> str:
+    if not isinstance(text, str):
+        raise InputError(f"the {what} must be text")
+    text = text.strip()
+    if not text:
+        raise InputError(f"the {what} is empty; describe the task in words")
+    return text
+
+
+class LoraGenerator:
+    """A loaded checkpoint ready to generate: hypernetwork on `device` in `compute_dtype`; the task encoder
+    is loaded on first use, so generation from embeddings never needs it."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        *,
+        device: str | torch.device = "cpu",
+        compute_dtype: torch.dtype = torch.float32,
+        trust_remote_code: bool = False,
+    ):
+        self.checkpoint = checkpoint
+        self.config = checkpoint.config
+        self.device = torch.device(device)
+        self.compute_dtype = compute_dtype
+        self.trust_remote_code = trust_remote_code
+        self.net = checkpoint.build(self.device, compute_dtype)
+        self._encoder: TaskEncoder | None = None
+
+    @classmethod
+    def load(cls, source: str | Path, *, module_order: Sequence[str] | None = None, base_model: str | None = None,
+             **kwargs) -> LoraGenerator:
+        return cls(load_checkpoint(source, module_order=module_order, base_model=base_model), **kwargs)
+
+    @property
+    def encoder(self) -> TaskEncoder:
+        if self._encoder is None:
+            self._encoder = TaskEncoder.load(self.config.encoder, device=self.device,
+                                             trust_remote_code=self.trust_remote_code)
+        return self._encoder
+
+    def embed(self, inputs: Sequence[TaskInput]) -> torch.Tensor:
+        """(B, E) float32 task embeddings; texts are encoded in one batch."""
+        e = self.config.task_emb_dim
+        out = torch.empty(len(inputs), e)
+        texts = [(i, x.text) for i, x in enumerate(inputs) if x.kind != "embedding"]
+        if texts:
+            out[[i for i, _ in texts]] = self.encoder.encode([t for _, t in texts]).float().cpu()
+        for i, x in enumerate(inputs):
+            if x.kind == "embedding":
+                if len(x.embedding) != e:
+                    raise InputError(f"the embedding has {len(x.embedding)} values; this checkpoint takes {e}")
+                out[i] = torch.tensor(x.embedding)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, inputs: Sequence[TaskInput], dtype: str = "float32") -> list[LoraAdapter]:
+        """One adapter per input, in order. `dtype` is the adapter's output dtype."""
+        if not inputs:
+            return []
+        parse_dtype(dtype)
+        emb = self.embed(inputs).to(self.device, self.compute_dtype)  # (B, E)
+        ab = self.net(emb)  # {module: (A (B, N, r, d_in), B (B, N, d_out, r))}
+        bad = [m for m, (a, b) in ab.items() if not (torch.isfinite(a).all() and torch.isfinite(b).all())]
+        if bad:  # only a broken checkpoint or a pathological embedding gets here; never ship it
+            raise InputError(f"generation produced non-finite weights for {bad}; check the checkpoint and input")
+        base = {"loragen_version": __version__, "checkpoint_sha256": self.checkpoint.sha256,
+                "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
+        return [
+            LoraAdapter.from_generated(
+                self.config, {m: (a[i], b[i]) for m, (a, b) in ab.items()}, dtype,
+                {**base, "input_kind": x.kind, "input_sha256": x.digest()},
+            )
+            for i, x in enumerate(inputs)
+        ]

@@ -1,0 +1,168 @@
+"""`loragen` command line: generate | inspect | convert.
+
+Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
+a command runs, so `loragen --help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from generator import __version__  # light: generator/__init__ imports no torch
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (the full usage is one `--help` away)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="loragen", description="Generated LoRA adapters on demand (Text-to-LoRA).")
+    p.add_argument("--version", action="version", version=f"loragen {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def checkpoint_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--base-model", help="override the base model hub id written into adapters")
+        sp.add_argument("--module-order", type=_names, help="T2L import only: the training-time module "
+                        "index order, comma separated, when it differs from adapter_config.json")
+
+    g = sub.add_parser("generate", help="generate a PEFT adapter directory from a task, document or embedding")
+    g.add_argument("--checkpoint", required=True, metavar="SRC", help="directory or hf://owner/repo[/sub][@rev]")
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--task", metavar="TEXT", help="a description of the task")
+    src.add_argument("--document", metavar="FILE", help="a text file; long documents are chunked")
+    src.add_argument("--embedding", metavar="FILE", help="safetensors file with one tensor [E] or [1, E]")
+    g.add_argument("--out", required=True, metavar="DIR", help="output PEFT directory")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="adapter dtype")
+    g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="hypernetwork compute dtype (bfloat16 is faster on AVX-512 BF16 CPUs and GPUs)")
+    g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="allow an encoder that ships its own code (gte-large-en-v1.5 of released T2L)")
+    checkpoint_args(g)
+
+    i = sub.add_parser("inspect", help="print a checkpoint's base model, variant, modules, dims and size")
+    i.add_argument("source", metavar="SRC")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    checkpoint_args(i)
+
+    c = sub.add_parser("convert", help="convert a released T2L directory to the native format")
+    c.add_argument("source", metavar="T2L_DIR")
+    c.add_argument("out", metavar="OUT_DIR")
+    checkpoint_args(c)
+    return p
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected comma-separated module names, e.g. v_proj,q_proj")
+    return names
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from generator.errors import LoragenError
+
+    try:
+        return COMMANDS[args.command](args)
+    except LoragenError as e:
+        print(f"loragen: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # an output directory we cannot write, a full disk
+        print(f"loragen: error: {e.strerror or e}: {e.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from generator.errors import InputError
+    from generator.pipeline import LoraGenerator, TaskInput
+
+    if args.task is not None:
+        item = TaskInput.task(args.task)
+    elif args.document is not None:
+        item = TaskInput.document(_read_text(args.document))
+    else:
+        item = TaskInput.from_embedding(_read_embedding(args.embedding))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
+    gen = LoraGenerator.load(args.checkpoint, module_order=args.module_order, base_model=args.base_model,
+                             device=args.device, compute_dtype=getattr(torch, args.compute_dtype),
+                             trust_remote_code=args.trust_remote_code)
+    (adapter,) = gen.generate([item], dtype=args.dtype)
+    out = adapter.save_pretrained(args.out)
+    print(f"wrote {out} ({adapter.safetensors_size()} bytes, {len(adapter.tensors)} tensors, "
+          f"base {gen.config.base_model}, input {adapter.provenance['input_sha256'][:16]})")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from generator.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.source, module_order=args.module_order, base_model=args.base_model)
+    info = ckpt.describe()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for key, value in info.items():
+        if key == "modules":
+            value = ", ".join(f"{m} {d['d_in']}->{d['d_out']}" for m, d in value.items())
+        print(f"{key:22} {value}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from generator.checkpoint import NATIVE_CONFIG, load_checkpoint
+
+    ckpt = load_checkpoint(args.source, module_order=args.module_order, base_model=args.base_model)
+    out = ckpt.save(args.out)
+    print(f"wrote {out / NATIVE_CONFIG} and weights: variant {ckpt.config.variant}, "
+          f"modules {ckpt.config.target_modules}, sha256 {ckpt.sha256}")
+    return 0
+
+
+def _read_text(path: str) -> str:
+    from generator.errors import InputError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise InputError(f"document {path} not found") from None
+    except UnicodeDecodeError:
+        raise InputError(f"document {path} is not UTF-8 text") from None
+    except OSError as e:
+        raise InputError(f"cannot read document {path}: {e.strerror}") from None
+
+
+def _read_embedding(path: str):
+    from safetensors.torch import load_file
+
+    from generator.errors import InputError
+
+    try:
+        tensors = load_file(path)
+    except FileNotFoundError:
+        raise InputError(f"embedding file {path} not found") from None
+    except Exception as e:  # safetensors' own errors for a file that is not safetensors
+        raise InputError(f"embedding file {path} is not a readable safetensors file: {e}") from None
+    if len(tensors) != 1:
+        raise InputError(f"embedding file {path} must hold exactly one tensor, found {len(tensors)}")
+    return next(iter(tensors.values()))
+
+
+COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Adapter export: streaming safetensors writer, tar, PEFT directory, dtypes, determinism."""
+
+import io
+import json
+import struct
+import tarfile
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from generator.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, iter_safetensors, read_safetensors_metadata
+from generator.errors import InputError
+from generator.pipeline import LoraGenerator, TaskInput
+from tests.helpers import tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return LoraGenerator(tiny_checkpoint("L", seed=1))
+
+
+def _adapter(gen, dtype="float32", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return gen.generate([TaskInput.from_embedding(torch.randn(16, generator=g))], dtype=dtype)[0]
+
+
+def _header(raw: bytes) -> dict:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n])
+
+
+@pytest.mark.parametrize("metadata", [None, {"format": "pt"}, {"adapter_config": '{"r": 4, "x": "\u00e9\\n"}'}])
+def test_writer_is_byte_identical_to_safetensors_save(metadata):
+    g = torch.Generator().manual_seed(0)
+    tensors = {  # mixed dtypes and names whose string order differs from insertion order
+        "layers.10.b": torch.randn(3, 2, generator=g),
+        "layers.2.a": torch.randn(5, generator=g).to(torch.bfloat16),
+        "layers.1.c": torch.randn(2, 2, generator=g).to(torch.float16),
+        "z": torch.randn(1, 7, generator=g),
+        "scalarish": torch.randn(1, generator=g).to(torch.bfloat16),
+    }
+    ours = b"".join(iter_safetensors(tensors, metadata, chunk_size=3))
+    assert ours == save(tensors, metadata=metadata)
+
+
+def test_stream_equals_safetensors_save_with_full_metadata(gen):
+    """With several metadata keys safetensors orders them at random per process (a Rust HashMap), so
+    equality is: same length, same data section, same header as JSON. Ours sorts them: deterministic."""
+    a = _adapter(gen)
+    ours = a.safetensors_bytes()
+    theirs = save(dict(a.tensors), metadata=a.metadata())
+    assert len(ours) == len(theirs)
+    assert ours[:8] == theirs[:8]
+    (n,) = struct.unpack("<Q", ours[:8])
+    assert ours[8 + n :] == theirs[8 + n :]
+    assert _header(ours) == _header(theirs)
+    assert list(_header(ours)["__metadata__"]) == sorted(a.metadata())
+
+
+def test_stream_is_header_first_in_bounded_chunks(gen):
+    a = _adapter(gen)
+    pieces = list(a.iter_safetensors(chunk_size=64))
+    assert pieces[0] == a.safetensors_header()
+    assert all(0 < len(p) <= 64 for p in pieces[1:])
+    assert sum(map(len, pieces)) == a.safetensors_size() == len(a.safetensors_bytes())
+    loaded = load(a.safetensors_bytes())
+    assert sorted(loaded) == sorted(a.tensors)
+    assert all(torch.equal(loaded[k], a.tensors[k]) for k in loaded)
+
+
+def test_metadata_is_self_describing(gen):
+    a = _adapter(gen)
+    meta = read_safetensors_metadata(a.safetensors_bytes())
+    assert meta["format"] == "pt"
+    assert json.loads(meta["adapter_config"]) == a.config
+    prov = json.loads(meta["loragen"])
+    assert prov["checkpoint_sha256"] == gen.checkpoint.sha256
+    assert prov["base_model"] == "tiny-random/llama" and prov["dtype"] == "float32"
+    assert prov["input_kind"] == "embedding" and len(prov["input_sha256"]) == 64
+    assert "loragen_version" in prov
+
+
+@pytest.mark.parametrize("dtype,torch_dtype", [("bfloat16", torch.bfloat16), ("float16", torch.float16)])
+def test_output_dtypes(gen, dtype, torch_dtype):
+    a32, low = _adapter(gen), _adapter(gen, dtype)
+    for k, t in low.tensors.items():
+        assert t.dtype == torch_dtype
+        assert torch.equal(t, a32.tensors[k].to(torch_dtype))
+    assert low.safetensors_size() < a32.safetensors_size()
+
+
+def test_unknown_dtype_is_input_error(gen):
+    with pytest.raises(InputError, match="unknown dtype 'int8'"):
+        _adapter(gen, "int8")
+
+
+def test_determinism_same_bytes(gen):
+    assert _adapter(gen).safetensors_bytes() == _adapter(gen).safetensors_bytes()
+    assert _adapter(gen).safetensors_bytes() != _adapter(gen, seed=1).safetensors_bytes()
+    fresh = LoraGenerator(tiny_checkpoint("L", seed=1))  # a separately built generator, same weights
+    assert _adapter(fresh).safetensors_bytes() == _adapter(gen).safetensors_bytes()
+
+
+@pytest.mark.parametrize("prefix", ["", "adapter-1"])
+def test_tar_holds_the_peft_directory(gen, tmp_path, prefix):
+    a = _adapter(gen)
+    raw = a.tar_bytes(prefix)
+    assert len(raw) == a.tar_size() and len(raw) % tarfile.RECORDSIZE == 0
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        names = tar.getnames()
+        base = f"{prefix}/" if prefix else ""
+        assert names == [base + ADAPTER_CONFIG, base + ADAPTER_WEIGHTS]
+        assert tar.extractfile(base + ADAPTER_WEIGHTS).read() == a.safetensors_bytes()
+        assert json.loads(tar.extractfile(base + ADAPTER_CONFIG).read()) == a.config
+        tar.extractall(tmp_path, filter="data")
+    assert a.tar_bytes(prefix) == raw  # deterministic: fixed mtime, owner and mode
+
+
+def test_save_pretrained_writes_the_same_bytes(gen, tmp_path):
+    a = _adapter(gen)
+    out = a.save_pretrained(tmp_path / "peft")
+    assert (out / ADAPTER_WEIGHTS).read_bytes() == a.safetensors_bytes()
+    cfg = json.loads((out / ADAPTER_CONFIG).read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["use_rslora"] is True
+    assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["modules_to_save"] is None
+    assert cfg["base_model_name_or_path"] == "tiny-random/llama"
