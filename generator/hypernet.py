@@ -151,8 +151,9 @@ class _SharedHead(HyperLoRA):
     def __init__(self, config: HyperConfig, dropout: float = 0.0):
         super().__init__(config, dropout)
         self.out_emb = nn.ModuleDict({
-            m.name: nn.ParameterDict({"A": nn.Parameter(torch.zeros(config.latent)),
-                                      "B": nn.Parameter(torch.zeros(config.latent))})
+            # random, not zero: equal marks would make the A and B passes see the same latent
+            m.name: nn.ParameterDict({"A": nn.Parameter(torch.randn(config.latent)),
+                                      "B": nn.Parameter(torch.randn(config.latent))})
             for m in config.modules
         })
         self.out_emb_norm = nn.LayerNorm(config.latent)
