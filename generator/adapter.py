@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import struct
 import tarfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,7 +125,7 @@ class LoraAdapter:
     # ---- PEFT directory and tar ----
 
     def config_json(self) -> bytes:
-        return (json.dumps(self.config, indent=2, sort_keys=True) + "\n").encode()
+        return adapter_config_json(self.config)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write a PEFT adapter directory that `PeftModel.from_pretrained` and vLLM load."""
@@ -138,23 +138,11 @@ class LoraAdapter:
         return out
 
     def tar_size(self) -> int:
-        written = sum(512 + _pad512(n) for n in (len(self.config_json()), self.safetensors_size()))
-        return written + _tar_tail(written)
+        return tar_size(len(self.config_json()), self.safetensors_size())
 
     def iter_tar(self, prefix: str = "", chunk_size: int = CHUNK) -> Iterator[bytes]:
-        """A ustar archive of the PEFT directory, streamed; files under `prefix/` when a prefix is given."""
-        written = 0
-        for name, size, pieces in (
-            (ADAPTER_CONFIG, len(self.config_json()), iter([self.config_json()])),
-            (ADAPTER_WEIGHTS, self.safetensors_size(), self.iter_safetensors(chunk_size)),
-        ):
-            info = tarfile.TarInfo(f"{prefix.strip('/')}/{name}" if prefix else name)
-            info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
-            yield info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
-            yield from pieces
-            yield b"\0" * (_pad512(size) - size)
-            written += 512 + _pad512(size)
-        yield b"\0" * _tar_tail(written)
+        """The PEFT directory as a ustar stream; files under `prefix/` when a prefix is given."""
+        return iter_tar(self.config_json(), self.iter_safetensors(chunk_size), self.safetensors_size(), prefix)
 
     def tar_bytes(self, prefix: str = "") -> bytes:
         return b"".join(self.iter_tar(prefix))
@@ -191,6 +179,38 @@ def iter_safetensors(
         data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
         for i in range(0, len(data), chunk_size):
             yield bytes(data[i : i + chunk_size])
+
+
+def adapter_config_json(config: Mapping) -> bytes:
+    """adapter_config.json as written beside the weights (and rebuilt from a file's metadata: same bytes)."""
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+
+
+def tar_size(config_size: int, weights_size: int) -> int:
+    written = sum(512 + _pad512(n) for n in (config_size, weights_size))
+    return written + _tar_tail(written)
+
+
+def iter_tar(config_json: bytes, weights: Iterable[bytes], weights_size: int, prefix: str = "") -> Iterator[bytes]:
+    """A ustar archive of a PEFT directory, streamed: adapter_config.json, then the weights as they come.
+    Fixed mtime, owner and mode, so the same adapter always gives the same archive."""
+    written = 0
+    for name, size, pieces in ((ADAPTER_CONFIG, len(config_json), iter([config_json])),
+                               (ADAPTER_WEIGHTS, weights_size, weights)):
+        info = tarfile.TarInfo(f"{prefix.strip('/')}/{name}" if prefix else name)
+        info.size, info.mtime, info.mode = size, TAR_MTIME, 0o644
+        yield info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+        yield from pieces
+        yield b"\0" * (_pad512(size) - size)
+        written += 512 + _pad512(size)
+    yield b"\0" * _tar_tail(written)
+
+
+def iter_tar_of_file(safetensors: bytes, prefix: str = "", chunk_size: int = CHUNK) -> Iterator[bytes]:
+    """The PEFT-directory tar of a stored adapter file: its config comes from the file's own metadata."""
+    config = json.loads(read_safetensors_metadata(safetensors)["adapter_config"])
+    pieces = (safetensors[i : i + chunk_size] for i in range(0, len(safetensors), chunk_size))
+    return iter_tar(adapter_config_json(config), pieces, len(safetensors), prefix)
 
 
 def _pad512(n: int) -> int:

@@ -1,4 +1,4 @@
-"""`loragen` command line: generate | inspect | convert.
+"""`loragen` command line: serve | generate | inspect | convert.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
 a command runs, so `loragen --help` is instant.
@@ -32,6 +32,19 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--base-model", help="override the base model hub id written into adapters")
         sp.add_argument("--module-order", type=_names, help="T2L import only: the training-time module "
                         "index order, comma separated, when it differs from adapter_config.json")
+
+    s = sub.add_parser("serve", help="run the HTTP service (flags override LORAGEN_* environment variables)")
+    s.add_argument("--checkpoint", action="append", metavar="[ID=]SRC", dest="checkpoints",
+                   help="a checkpoint to serve: directory or hf:// source, optionally named ID=; repeatable")
+    s.add_argument("--default-checkpoint", metavar="ID")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--redis-url", help="use Redis for the cache (default: in-process LRU)")
+    s.add_argument("--device", help="auto, cpu or cuda:N")
+    s.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
+    s.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow encoders that ship code (needed by released T2L checkpoints)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
 
     g = sub.add_parser("generate", help="generate a PEFT adapter directory from a task, document or embedding")
     g.add_argument("--checkpoint", required=True, metavar="SRC", help="directory or hf://owner/repo[/sub][@rev]")
@@ -81,6 +94,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.settings import Settings, parse_checkpoint_arg
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("command", "checkpoints") and v is not None}
+    if args.checkpoints:
+        overrides["checkpoints"] = dict(parse_checkpoint_arg(c) for c in args.checkpoints)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise _usage(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+    if not settings.checkpoints:
+        raise _usage("no checkpoint to serve: name one with --checkpoint [ID=]DIR_OR_HF_SOURCE "
+                     "or LORAGEN_CHECKPOINTS='id=source'")
+    if settings.default_checkpoint and settings.default_checkpoint not in settings.checkpoints:
+        raise _usage(f"--default-checkpoint {settings.default_checkpoint} is not among {list(settings.checkpoints)}")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=10)
+    return 0
+
+
+def _usage(message: str):
+    from generator.errors import LoragenError
+
+    return LoragenError(message)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -162,7 +210,7 @@ def _read_embedding(path: str):
     return next(iter(tensors.values()))
 
 
-COMMANDS = {"generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert}
+COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert}
 
 if __name__ == "__main__":
     sys.exit(main())

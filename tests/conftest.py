@@ -19,3 +19,4 @@ def fixtures_dir() -> Path:
         pytest.skip(f"reference fixtures not found at {FIXTURES}")
     return FIXTURES
 
+pytest_plugins = ["tests.redis_server"]  # redis_server / redis_prefix fixtures: a real Redis for every test run

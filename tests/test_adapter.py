@@ -125,3 +125,13 @@ def test_save_pretrained_writes_the_same_bytes(gen, tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["task_type"] == "CAUSAL_LM" and cfg["use_rslora"] is True
     assert cfg["target_modules"] == ["q_proj", "v_proj"] and cfg["modules_to_save"] is None
     assert cfg["base_model_name_or_path"] == "tiny-random/llama"
+
+
+def test_tar_of_stored_file_equals_tar_of_adapter(gen):
+    """The service keeps only the safetensors bytes; the tar it builds from them must be the same archive."""
+    from generator.adapter import iter_tar_of_file, tar_size
+
+    a = _adapter(gen)
+    raw = b"".join(iter_tar_of_file(a.safetensors_bytes(), prefix="x"))
+    assert raw == a.tar_bytes("x")
+    assert len(raw) == tar_size(len(a.config_json()), a.safetensors_size())

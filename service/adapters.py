@@ -1,0 +1,159 @@
+"""AdapterService: adapter ids, cache look-ups, single-flight generation off the event loop.
+
+    request ─► id = sha256(checkpoint hash, normalised input, dtype, compute dtype, format version)
+            ─► cache hit: stored bytes
+            ─► miss: one generation per id in this process (waiters share a task), and across replicas
+               through a Redis lock; torch runs in a worker thread, never on the event loop
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from generator.errors import LoragenError
+from generator.pipeline import LoraGenerator, TaskInput
+from service.cache import AdapterCache, CacheUnavailable
+from service.errors import InvalidInput, NotFound, Overloaded, Timeout, Unavailable
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FORMAT_VERSION = 1  # bump when the bytes for the same input change (layout, metadata)
+
+
+@dataclass(frozen=True)
+class Result:
+    adapter_id: str
+    data: bytes
+    hit: bool
+
+
+class AdapterService:
+    def __init__(self, settings: Settings, generators: dict[str, LoraGenerator], cache: AdapterCache, metrics: Metrics):
+        self.settings = settings
+        self.generators = generators
+        self.default = settings.default_checkpoint or next(iter(generators), None)
+        self.cache = cache
+        self.metrics = metrics
+        self.cache_ok = True  # False while the cache backend is unreachable: we generate uncached
+        self._inflight: dict[str, asyncio.Task[bytes]] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragen-gen")
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- identity ----
+
+    def resolve(self, checkpoint: str | None) -> tuple[str, LoraGenerator]:
+        cid = checkpoint or self.default
+        if cid not in self.generators:
+            served = ", ".join(self.generators) or "none"
+            raise InvalidInput(f"unknown checkpoint {checkpoint!r}; served: {served}")
+        return cid, self.generators[cid]
+
+    def adapter_id(self, gen: LoraGenerator, item: TaskInput, dtype: str) -> str:
+        key = {
+            "checkpoint": gen.checkpoint.sha256,
+            "input": [item.kind, item.digest()],
+            "dtype": dtype,
+            "compute_dtype": str(gen.compute_dtype).removeprefix("torch."),
+            "format_version": ADAPTER_FORMAT_VERSION,
+        }
+        return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    # ---- cache, degrading to uncached when the backend is down ----
+
+    async def cached(self, adapter_id: str) -> bytes | None:
+        try:
+            data = await self.cache.get(adapter_id)
+        except CacheUnavailable as e:
+            self._cache_down(e)
+            return None
+        self._cache_up()
+        self.metrics.cache_lookups.labels("hit" if data is not None else "miss").inc()
+        return data
+
+    async def _store(self, adapter_id: str, data: bytes) -> None:
+        try:
+            await self.cache.put(adapter_id, data)
+            self._cache_up()
+        except CacheUnavailable as e:
+            self._cache_down(e)
+
+    def _cache_down(self, e: Exception) -> None:
+        if self.cache_ok:
+            log.warning("cache unavailable, serving uncached until it returns: %s", e)
+        self.cache_ok = False
+
+    def _cache_up(self) -> None:
+        if not self.cache_ok:
+            log.info("cache reachable again")
+        self.cache_ok = True
+
+    async def get(self, adapter_id: str) -> bytes:
+        data = await self.cached(adapter_id)
+        if data is None:
+            if not self.cache_ok:
+                raise Unavailable("the adapter cache is unreachable; retry shortly", headers={"Retry-After": "2"})
+            raise NotFound(f"no cached adapter {adapter_id}; POST /v1/adapters to generate it")
+        return data
+
+    # ---- generation ----
+
+    async def get_or_generate(self, checkpoint: str | None, item: TaskInput, dtype: str) -> Result:
+        cid, gen = self.resolve(checkpoint)
+        if item.kind == "embedding" and len(item.embedding) != gen.config.task_emb_dim:
+            raise InvalidInput(f"embedding has {len(item.embedding)} values; checkpoint {cid} takes "
+                               f"{gen.config.task_emb_dim}")
+        adapter_id = self.adapter_id(gen, item, dtype)
+        data = await self.cached(adapter_id)
+        if data is not None:
+            return Result(adapter_id, data, hit=True)
+        task = self._inflight.get(adapter_id)
+        if task is None:
+            if len(self._inflight) >= self.settings.max_pending:
+                raise Overloaded(f"{len(self._inflight)} generations pending; retry shortly",
+                                 headers={"Retry-After": "1"})
+            task = asyncio.create_task(self._generate(adapter_id, gen, item, dtype))
+            self._inflight[adapter_id] = task
+            task.add_done_callback(lambda _t: self._inflight.pop(adapter_id, None))
+            self.metrics.pending.set(len(self._inflight))
+        try:
+            # shield: a waiter that times out or disconnects leaves the generation running for the others
+            data = await asyncio.wait_for(asyncio.shield(task), self.settings.request_timeout_s)
+        except TimeoutError:
+            raise Timeout(f"generation took longer than {self.settings.request_timeout_s:g} s; "
+                          "the adapter will be cached when it completes, retry later") from None
+        return Result(adapter_id, data, hit=False)
+
+    async def _generate(self, adapter_id: str, gen: LoraGenerator, item: TaskInput, dtype: str) -> bytes:
+        try:
+            async with self.cache.lock(adapter_id, self.settings.lock_ttl_s) as owner:
+                if not owner:  # another replica generates it: wait for its result, then do it ourselves
+                    data = await self.cache.wait_for(adapter_id, self.settings.lock_ttl_s)
+                    if data is not None:
+                        return data
+                return await self._run(adapter_id, gen, item, dtype)
+        except CacheUnavailable as e:
+            self._cache_down(e)
+            return await self._run(adapter_id, gen, item, dtype)
+
+    async def _run(self, adapter_id: str, gen: LoraGenerator, item: TaskInput, dtype: str) -> bytes:
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        try:
+            (adapter,) = await loop.run_in_executor(self._executor, gen.generate, [item], dtype)
+            data = await loop.run_in_executor(self._executor, adapter.safetensors_bytes)
+        except LoragenError as e:
+            raise InvalidInput(str(e)) from None
+        self.metrics.generation_seconds.observe(time.perf_counter() - start)
+        self.metrics.generated.inc()
+        await self._store(adapter_id, data)
+        return data

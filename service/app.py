@@ -1,0 +1,172 @@
+"""`create_app(settings)`: the FastAPI app. Nothing heavy at import; the lifespan loads checkpoints and
+opens the cache; serving objects live on `app.state`."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import ApiError, PayloadTooLarge, envelope
+from service.metrics import Metrics
+from service.settings import Settings
+
+log = logging.getLogger("loragen")
+_REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        import torch
+
+        from generator.pipeline import LoraGenerator
+        from service.adapters import AdapterService
+        from service.cache import make_cache
+
+        device = settings.device
+        if device == "auto":
+            device = "cuda:0" if torch.cuda.is_available() else "cpu"
+        generators = {}
+        for cid, source in settings.checkpoints.items():
+            gen = LoraGenerator.load(source, device=device, compute_dtype=getattr(torch, settings.compute_dtype),
+                                     trust_remote_code=settings.trust_remote_code)
+            try:
+                _ = gen.encoder  # load now: the first text request should not pay for it
+            except Exception as e:  # e.g. an encoder that needs remote code: embeddings still work
+                log.warning("checkpoint %s: task encoder unavailable, only embeddings accepted: %s", cid, e)
+            generators[cid] = gen
+            log.info("serving checkpoint %s from %s (variant %s, base %s, sha256 %s)", cid, source,
+                     gen.config.variant, gen.config.base_model, gen.checkpoint.sha256[:12])
+        redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        cache = make_cache(redis_url, max_bytes=settings.memory_cache_bytes, prefix=settings.cache_prefix,
+                           ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
+        app.state.service = AdapterService(settings, generators, cache, metrics)
+        try:
+            yield
+        finally:
+            app.state.service.close()
+            await cache.close()
+
+    app = FastAPI(title="loragen", version=_version(), lifespan=lifespan,
+                  description="Generated LoRA adapters on demand (Text-to-LoRA).")
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return envelope(e.status, e.type, e.message, request.state.request_id, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return envelope(422, "invalid_input", f"{where}: {first['msg']}" if where else first["msg"],
+                        request.state.request_id)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        type_ = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return envelope(e.status_code, type_, str(e.detail), getattr(request.state, "request_id", None),
+                        getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, e: Exception):
+        rid = getattr(request.state, "request_id", None)
+        log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, rid)
+        return envelope(500, "internal_error", "internal error; quote the request id when reporting it", rid)
+
+    @app.middleware("http")
+    async def _observe(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
+        metrics.request_seconds.labels(path).observe(time.perf_counter() - start)
+        return response
+
+    from service.routes import adapters, ops
+
+    app.include_router(adapters.router)
+    app.include_router(ops.router)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestId)  # outermost: every response, even a 413 from BodyLimit, carries an id
+    return app
+
+
+class RequestId:
+    """Give every request an id (the client's X-Request-Id if sane, else a new one) and echo it back."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class BodyLimit:
+    """Refuse bodies over `max_bytes` with 413: at once from Content-Length, else while they stream in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            response = envelope(413, PayloadTooLarge.type, f"request body over {self.max_bytes} bytes",
+                                scope.get("state", {}).get("request_id"))
+            return await response(scope, receive, send)
+        seen, refused = 0, False
+
+        async def limited() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes and not refused:
+                refused = True  # answer now; the app sees a disconnect and its own response is dropped
+                rid = scope.get("state", {}).get("request_id")
+                await envelope(413, PayloadTooLarge.type, f"request body over {self.max_bytes} bytes", rid)(
+                    scope, receive, send)
+                return {"type": "http.disconnect"}
+            return message
+
+        async def guarded(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        try:
+            await self.app(scope, limited, guarded)
+        except Exception:
+            if not refused:  # after a refusal the app's complaint about the cut body is expected
+                raise
+
+
+def _version() -> str:
+    from generator import __version__
+
+    return __version__

@@ -1,0 +1,27 @@
+"""Prometheus metrics, one registry per app (so tests and several apps in a process never collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("loragen_requests", "HTTP requests", ["route", "method", "status"], registry=r)
+        self.request_seconds = Histogram("loragen_request_seconds", "HTTP request latency", ["route"],
+                                         buckets=LATENCY_BUCKETS, registry=r)
+        self.generation_seconds = Histogram("loragen_generation_seconds", "time to generate one adapter",
+                                            buckets=LATENCY_BUCKETS, registry=r)
+        self.generated = Counter("loragen_adapters_generated", "adapters generated (cache misses run)", registry=r)
+        self.cache_lookups = Counter("loragen_cache_lookups", "cache look-ups", ["result"], registry=r)
+        self.cache_bytes = Gauge("loragen_cache_bytes", "bytes held by the in-process cache", registry=r)
+        self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

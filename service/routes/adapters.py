@@ -1,0 +1,154 @@
+"""Adapter endpoints: generate (JSON or multipart), fetch by id, batch. Parse, call, respond."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from generator.adapter import CHUNK, adapter_config_json, iter_tar_of_file, read_safetensors_metadata, tar_size
+from generator.errors import InputError
+from generator.pipeline import TaskInput
+from service.adapters import AdapterService, Result
+from service.errors import InvalidInput, NotFound
+from service.schemas import AdapterInput, BatchItem, BatchRequest, BatchResponse, GenerateRequest
+
+router = APIRouter(tags=["adapters"])
+_ID = re.compile(r"^[0-9a-f]{64}$")
+_FORMATS = ("safetensors", "peft-tar")
+
+_BODY_DOC = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")},
+            "multipart/form-data": {"schema": {"type": "object", "properties": {
+                "document": {"type": "string", "format": "binary", "description": "a UTF-8 text file"},
+                "task": {"type": "string"}, "checkpoint": {"type": "string"},
+                "dtype": {"type": "string", "enum": ["float32", "bfloat16", "float16"]},
+                "format": {"type": "string", "enum": list(_FORMATS)}}}},
+        },
+    },
+    "responses": {"200": {"description": "the adapter, streamed",
+                          "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}},
+}
+
+
+def _service(request: Request) -> AdapterService:
+    return request.app.state.service
+
+
+async def _read_request(request: Request) -> GenerateRequest:
+    ctype = request.headers.get("content-type", "")
+    if ctype.startswith("multipart/form-data"):
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except Exception as e:  # malformed multipart, too many parts
+            raise InvalidInput(f"malformed multipart body: {e}") from None
+        fields: dict = {}
+        for key, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                try:
+                    fields[key] = (await value.read()).decode("utf-8")
+                except UnicodeDecodeError:
+                    raise InvalidInput(f"uploaded {key} is not UTF-8 text") from None
+            else:
+                fields[key] = value
+        if isinstance(fields.get("embedding"), str):
+            try:
+                fields["embedding"] = json.loads(fields["embedding"])
+            except json.JSONDecodeError:
+                raise InvalidInput("embedding: expected a JSON list of numbers") from None
+        data = fields
+    else:
+        try:
+            data = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise InvalidInput("body must be JSON (or multipart/form-data with a document file)") from None
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as e:
+        raise InvalidInput(_first_error(e)) from None
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(p) for p in err["loc"])
+    return f"{where}: {err['msg']}" if where else err["msg"].removeprefix("Value error, ")
+
+
+def to_task_input(item: AdapterInput, max_chars: int) -> TaskInput:
+    try:
+        if item.embedding is not None:
+            return TaskInput.from_embedding(item.embedding)
+        kind, text = ("task", item.task) if item.task is not None else ("document", item.document)
+        if len(text) > max_chars:
+            raise InvalidInput(f"{kind} has {len(text)} characters; the limit is {max_chars}")
+        return TaskInput.task(text) if kind == "task" else TaskInput.document(text)
+    except InputError as e:
+        raise InvalidInput(str(e)) from None
+
+
+def adapter_response(result: Result, fmt: str, *, head: bool = False) -> Response:
+    data = result.data
+    if fmt == "safetensors":
+        length, name, etag = len(data), f"{result.adapter_id}.safetensors", f'"{result.adapter_id}"'
+        body = (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
+    else:
+        config = adapter_config_json(json.loads(read_safetensors_metadata(data)["adapter_config"]))
+        length, name, etag = tar_size(len(config), len(data)), f"{result.adapter_id}.tar", f'"{result.adapter_id}-tar"'
+        body = iter_tar_of_file(data, prefix=result.adapter_id)
+    headers = {
+        "Content-Length": str(length),
+        "ETag": etag,
+        "X-Adapter-Id": result.adapter_id,
+        "X-Cache": "hit" if result.hit else "miss",
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "Cache-Control": "public, max-age=31536000, immutable",  # content-addressed: never changes
+    }
+    if head:
+        return Response(b"", headers=headers, media_type="application/octet-stream")
+    return StreamingResponse(body, headers=headers, media_type="application/octet-stream")
+
+
+async def _generate(request: Request) -> Response:
+    req = await _read_request(request)
+    service = _service(request)
+    result = await service.get_or_generate(req.checkpoint, to_task_input(req, service.settings.max_text_chars), req.dtype)
+    return adapter_response(result, req.format)
+
+
+router.add_api_route("/generate", _generate, methods=["POST"], summary="generate an adapter (alias of POST /v1/adapters)",
+                     openapi_extra=_BODY_DOC, response_class=Response)
+router.add_api_route("/v1/adapters", _generate, methods=["POST"], summary="generate an adapter",
+                     openapi_extra=_BODY_DOC, response_class=Response)
+
+
+@router.api_route("/v1/adapters/{adapter_id}", methods=["GET", "HEAD"], summary="a cached adapter by id",
+                  response_class=Response)
+async def get_adapter(request: Request, adapter_id: str, format: str = "safetensors") -> Response:
+    if format not in _FORMATS:
+        raise InvalidInput(f"unknown format {format!r}; choose one of {', '.join(_FORMATS)}")
+    if not _ID.match(adapter_id):
+        raise NotFound(f"no adapter {adapter_id[:80]!r}: ids are 64 lowercase hex characters")
+    etag = f'"{adapter_id}"' if format == "safetensors" else f'"{adapter_id}-tar"'
+    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+        return Response(status_code=304, headers={"ETag": etag})  # content-addressed: a known tag is current
+    data = await _service(request).get(adapter_id)
+    return adapter_response(Result(adapter_id, data, hit=True), format, head=request.method == "HEAD")
+
+
+@router.post("/v1/adapters/batch", summary="generate many adapters; fetch the bytes by id", response_model=BatchResponse)
+async def batch(request: Request, body: BatchRequest) -> BatchResponse:
+    service = _service(request)
+    if len(body.inputs) > service.settings.max_batch:
+        raise InvalidInput(f"{len(body.inputs)} inputs; the limit is {service.settings.max_batch} per batch")
+    items = [to_task_input(x, service.settings.max_text_chars) for x in body.inputs]  # validate all first
+    results = await asyncio.gather(*(service.get_or_generate(body.checkpoint, x, body.dtype) for x in items))
+    return BatchResponse(adapters=[BatchItem(id=r.adapter_id, size=len(r.data), cache="hit" if r.hit else "miss")
+                                   for r in results])

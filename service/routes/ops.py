@@ -1,0 +1,44 @@
+"""Operations: liveness, readiness, metrics, what is served."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", summary="liveness: the process answers")
+async def health() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/ready", summary="readiness: checkpoints loaded, generator up, cache reachable when configured")
+async def ready(request: Request) -> JSONResponse:
+    service = getattr(request.app.state, "service", None)
+    if service is None or not service.generators:
+        return JSONResponse({"status": "not_ready", "checkpoints": []}, status_code=503)
+    cache_ok = await service.cache.ping()
+    service.cache_ok = cache_ok
+    body = {
+        "status": "ready" if cache_ok else "degraded",  # degraded: still generating, uncached
+        "checkpoints": list(service.generators),
+        "cache": {"backend": service.cache.backend, "reachable": cache_ok},
+    }
+    return JSONResponse(body)
+
+
+@router.get("/metrics", summary="Prometheus metrics")
+async def metrics(request: Request) -> Response:
+    m = request.app.state.metrics
+    service = getattr(request.app.state, "service", None)
+    if service is not None and service.cache.backend == "memory":
+        m.cache_bytes.set(service.cache.stats.bytes)
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/v1/checkpoints", summary="the checkpoints this server generates from")
+async def checkpoints(request: Request) -> dict:
+    service = request.app.state.service
+    return {"checkpoints": [{"id": cid, "default": cid == service.default, **gen.checkpoint.describe()}
+                            for cid, gen in service.generators.items()]}

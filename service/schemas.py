@@ -1,0 +1,50 @@
+"""Request and response models of the HTTP API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+Format = Literal["safetensors", "peft-tar"]
+
+
+class AdapterInput(BaseModel):
+    """Exactly one of: a task description, a document, or a task embedding (already preprocessed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str | None = Field(None, description="what the adapter should make the model do",
+                             examples=["answer grade-school math step by step"])
+    document: str | None = Field(None, description="a text the adapter should specialise on; long texts are chunked")
+    embedding: list[float] | None = Field(None, description="a task embedding of the checkpoint's size E")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AdapterInput:
+        given = [k for k in ("task", "document", "embedding") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of task, document, embedding (got {', '.join(given) or 'none'})")
+        return self
+
+
+class GenerateRequest(AdapterInput):
+    checkpoint: str | None = Field(None, description="checkpoint id; default: the server's default")
+    dtype: Dtype = "float32"
+    format: Format = "safetensors"
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: list[AdapterInput] = Field(..., min_length=1)
+    checkpoint: str | None = None
+    dtype: Dtype = "float32"
+
+
+class BatchItem(BaseModel):
+    id: str
+    size: int
+    cache: Literal["hit", "miss"]
+
+
+class BatchResponse(BaseModel):
+    adapters: list[BatchItem]

@@ -1,0 +1,71 @@
+"""One typed settings object per process. Precedence: `loragen serve` flags > LORAGEN_* env > defaults."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1 << 20
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LORAGEN_", extra="forbid", frozen=True)
+
+    # what to serve: id -> source (local directory or hf://owner/repo[/sub][@rev]).
+    # env: LORAGEN_CHECKPOINTS='{"mistral": "hf://..."}' or 'mistral=hf://...,demo=./bundle'
+    checkpoints: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    default_checkpoint: str | None = None  # None: the first one listed
+    trust_remote_code: bool = False  # an encoder that ships code runs only with the operator's opt-in
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    device: str = "auto"  # "auto": the first CUDA device if there is one, else the CPU
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # float32 is the exact default
+
+    redis_url: SecretStr | None = None  # None: the embedded in-process LRU cache
+    cache_prefix: str = "loragen:"
+    cache_ttl_s: int = Field(7 * 86400, ge=1)
+    memory_cache_bytes: int = Field(512 * MiB, ge=0)
+    redis_timeout_s: float = Field(2.0, gt=0)
+
+    max_text_chars: int = Field(200_000, ge=1)  # a task description or a document
+    max_body_bytes: int = Field(4 * MiB, ge=1024)  # refused with 413 before the body is read whole
+    max_batch: int = Field(64, ge=1)  # inputs in one POST /v1/adapters/batch
+    max_pending: int = Field(256, ge=1)  # generations queued or running; beyond: 429 with Retry-After
+    request_timeout_s: float = Field(60.0, gt=0)  # beyond: 504; the generation still completes and is cached
+    lock_ttl_s: float = Field(30.0, gt=0)  # cross-replica single-flight lock in Redis
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _parse_checkpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if not text:
+                return {}
+            if text.startswith("{"):
+                return json.loads(text)
+            return dict(parse_checkpoint_arg(item) for item in text.split(",") if item.strip())
+        return value
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _check_ids(cls, value: dict[str, str]) -> dict[str, str]:
+        for cid in value:
+            if not cid or not all(c.isalnum() or c in "-_." for c in cid):
+                raise ValueError(f"checkpoint id {cid!r} must be letters, digits, '-', '_' or '.'")
+        return value
+
+
+def parse_checkpoint_arg(item: str) -> tuple[str, str]:
+    """'id=SRC' → (id, SRC); a bare SRC gets the last path component as its id."""
+    item = item.strip()
+    if "=" in item and not item.startswith(("/", ".", "~", "hf://")):
+        cid, src = item.split("=", 1)
+        return cid.strip(), src.strip()
+    name = item.rstrip("/").split("@")[0].rsplit("/", 1)[-1]
+    return name, item

@@ -1,0 +1,401 @@
+"""AdapterCache: both backends through one interface, then Redis against a real server (our own, see
+tests/redis_server.py): integrity checks, TTL, refused writes, outage and recovery, eviction, locks."""
+
+import asyncio
+import os
+import socket
+import time
+
+import pytest
+import pytest_asyncio
+
+from service.cache import (
+    HEADER,
+    MAGIC,
+    AdapterCache,
+    CacheUnavailable,
+    MemoryCache,
+    RedisCache,
+    make_cache,
+    redact_url,
+)
+
+# The redis_server / redis_prefix fixtures. Loaded as a plugin (not imported) so pytest rewrites its asserts;
+# move this line to tests/conftest.py once it is shared, and import nothing else from tests.redis_server here.
+
+KEY = "a" * 64  # adapter ids are hex sha256
+BAD_KEYS = ["", "x" * 129, "a*", "a?", "[ab]", "ab cd", "ab:cd", "ab/cd", "\u00e9t\u00e9", "ab\n", b"ab", None]
+
+
+def key(i: int) -> str:
+    return f"{i:064x}"
+
+
+@pytest_asyncio.fixture(params=["memory", "redis"])
+async def cache(request):
+    if request.param == "memory":
+        c: AdapterCache = MemoryCache(max_bytes=16 * 2**20)
+    else:
+        server = request.getfixturevalue("redis_server")
+        c = RedisCache(server.url, prefix=request.getfixturevalue("redis_prefix"), ttl_s=600, socket_timeout_s=1.0)
+    yield c
+    await c.close()
+
+
+@pytest_asyncio.fixture
+async def make_redis(redis_server, redis_prefix):
+    """RedisCache factory on this test's prefix (two caches = two processes); all closed at teardown."""
+    made: list[RedisCache] = []
+
+    def make(**kwargs) -> RedisCache:
+        made.append(RedisCache(redis_server.url, **{"prefix": redis_prefix, "ttl_s": 600, "socket_timeout_s": 1.0, **kwargs}))
+        return made[-1]
+
+    yield make
+    for c in made:
+        await c.close()
+
+
+# -- both backends ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_round_trip_and_stats(cache):
+    data = os.urandom(300_000)
+    assert await cache.get(KEY) is None
+    await cache.put(KEY, data)
+    assert await cache.get(KEY) == data
+    assert await cache.get(KEY) == data
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.puts, cache.stats.corrupt) == (2, 1, 1, 0)
+    assert cache.stats.bytes == len(data)
+    assert cache.backend in ("memory", "redis")
+
+
+@pytest.mark.asyncio
+async def test_put_replaces(cache):
+    await cache.put(KEY, b"first")
+    await cache.put(KEY, b"second, longer")
+    assert await cache.get(KEY) == b"second, longer"
+    assert await cache.size(KEY) == len(b"second, longer")
+
+
+@pytest.mark.asyncio
+async def test_contains_and_size_do_not_fetch_or_count(cache):
+    assert not await cache.contains(KEY)
+    assert await cache.size(KEY) is None
+    await cache.put(KEY, bytes(12345))
+    assert await cache.contains(KEY)
+    assert await cache.size(KEY) == 12345
+    await cache.put(key(1), b"")  # an empty payload is a valid entry
+    assert await cache.contains(key(1)) and await cache.size(key(1)) == 0 and await cache.get(key(1)) == b""
+    assert (cache.stats.hits, cache.stats.misses) == (1, 0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("bad", BAD_KEYS, ids=repr)
+async def test_invalid_key_is_rejected_before_the_backend(cache, bad):
+    for call in (cache.get(bad), cache.put(bad, b"x"), cache.contains(bad), cache.size(bad), cache.wait_for(bad, 0)):
+        with pytest.raises(ValueError, match="invalid cache key"):
+            await call
+    with pytest.raises(ValueError, match="invalid cache key"):
+        async with cache.lock(bad, 1):
+            pass
+    assert cache.stats.errors == 0
+
+
+@pytest.mark.asyncio
+async def test_wait_for(cache):
+    data = os.urandom(1000)
+
+    async def produce():
+        await asyncio.sleep(0.15)
+        await cache.put(KEY, data)
+
+    producer = asyncio.create_task(produce())
+    assert await cache.wait_for(KEY, timeout_s=5) == data
+    await producer
+    t0 = time.monotonic()
+    assert await cache.wait_for(key(2), timeout_s=0.2, poll_s=0.05) is None
+    assert 0.2 <= time.monotonic() - t0 < 1.0
+    assert cache.stats.misses == 0  # polling uses contains(), not get()
+
+
+@pytest.mark.asyncio
+async def test_make_cache_picks_the_backend(redis_server):
+    memory = make_cache(None, max_bytes=1000, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
+    also_memory = make_cache("", max_bytes=1000, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
+    shared = make_cache(redis_server.url, max_bytes=1000, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
+    assert (memory.backend, also_memory.backend, shared.backend) == ("memory", "memory", "redis")
+    assert await shared.ping()
+    for c in (memory, also_memory, shared):
+        await c.close()
+
+
+# -- memory -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_memory_lru_evicts_least_recently_used():
+    c = MemoryCache(max_bytes=300)
+    for i in range(3):
+        await c.put(key(i), bytes([i]) * 100)
+    assert await c.get(key(0)) is not None  # key 0 is now the most recently used; key 1 the least
+    await c.put(key(3), b"d" * 100)
+    assert [await c.contains(key(i)) for i in range(4)] == [True, False, True, True]
+    assert c.stats.bytes == 300 and c.stats.evictions == 1
+    await c.put(key(4), b"e" * 250)  # needs room for 250: drops 2, 0 and 3, least recently used first
+    assert [await c.contains(key(i)) for i in range(5)] == [False, False, False, False, True]
+    assert c.stats.bytes == 250
+
+
+@pytest.mark.asyncio
+async def test_memory_byte_bound_holds():
+    c = MemoryCache(max_bytes=10_000)
+    sizes = [(i * 7919) % 3000 + 1 for i in range(200)]
+    for i, n in enumerate(sizes):
+        await c.put(key(i), bytes(n))
+        held = [await c.size(key(j)) for j in range(i + 1)]
+        assert c.stats.bytes == sum(n for n in held if n is not None) <= c.max_bytes
+    assert await c.contains(key(199))  # the newest entry is always kept
+
+
+@pytest.mark.asyncio
+async def test_memory_oversized_item_is_not_stored():
+    c = MemoryCache(max_bytes=100)
+    await c.put(KEY, b"x" * 50)
+    await c.put(key(1), b"y" * 101)
+    assert not await c.contains(key(1)) and await c.contains(KEY)
+    await c.put(KEY, b"z" * 101)  # an oversized replacement drops the old entry rather than keep stale bytes
+    assert not await c.contains(KEY)
+    assert (c.stats.puts, c.stats.bytes) == (1, 0)
+
+
+@pytest.mark.asyncio
+async def test_memory_detects_a_damaged_entry():
+    c = MemoryCache(max_bytes=1000)
+    await c.put(KEY, b"good bytes")
+    _, digest = c._items[KEY]
+    c._items[KEY] = (b"evil bytes", digest)  # white-box: the only way to damage an in-process entry
+    assert await c.get(KEY) is None
+    assert not await c.contains(KEY)
+    assert (c.stats.corrupt, c.stats.misses, c.stats.bytes) == (1, 1, 0)
+
+
+def test_memory_rejects_a_bad_bound():
+    for bad in (0, -1, 1.5, True, "10"):
+        with pytest.raises(ValueError, match="max_bytes"):
+            MemoryCache(bad)
+
+
+# -- redis: format and integrity ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_redis_entry_format_and_ttl(make_redis, redis_server, redis_prefix):
+    c = make_redis(ttl_s=600)
+    data = os.urandom(1000)
+    await c.put(KEY, data)
+    with redis_server.client() as r:
+        raw = r.get(f"{redis_prefix}adapter:{KEY}")
+        ttl = r.ttl(f"{redis_prefix}adapter:{KEY}")
+    assert raw[:4] == MAGIC and len(raw) == HEADER.size + len(data) and raw[HEADER.size :] == data
+    assert 0 < ttl <= 600
+
+
+def _flip_payload_byte(r, k: str, raw: bytes) -> None:
+    i = HEADER.size + 1000
+    r.setrange(k, i, bytes([raw[i] ^ 0x01]))
+
+
+def _truncate(r, k: str, raw: bytes) -> None:
+    r.set(k, raw[:-10])
+
+
+def _wrong_magic(r, k: str, raw: bytes) -> None:
+    r.setrange(k, 0, b"XXXX")
+
+
+def _shorter_than_header(r, k: str, raw: bytes) -> None:
+    r.set(k, raw[:20])
+
+
+def _wrong_length_field(r, k: str, raw: bytes) -> None:
+    r.setrange(k, 36, (len(raw)).to_bytes(8, "big"))
+
+
+def _foreign_value(r, k: str, raw: bytes) -> None:
+    r.set(k, b"written by something else")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "damage", [_flip_payload_byte, _truncate, _wrong_magic, _shorter_than_header, _wrong_length_field, _foreign_value]
+)
+async def test_redis_damaged_entry_is_deleted_and_never_served(make_redis, redis_server, redis_prefix, damage):
+    c = make_redis()
+    await c.put(KEY, os.urandom(5000))
+    k = f"{redis_prefix}adapter:{KEY}"
+    with redis_server.client() as r:
+        damage(r, k, r.get(k))
+    assert await c.get(KEY) is None
+    with redis_server.client() as r:
+        assert not r.exists(k)
+    assert (c.stats.corrupt, c.stats.misses, c.stats.hits) == (1, 1, 0)
+    await c.put(KEY, b"regenerated")  # and the id works again
+    assert await c.get(KEY) == b"regenerated"
+
+
+# -- redis: refused writes, outages, eviction -----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_redis_noeviction_oom_refuses_put(make_redis, redis_server):
+    c = make_redis()
+    await c.put(KEY, b"stored before the limit")
+    redis_server.config_set("maxmemory-policy", "noeviction")
+    redis_server.config_set("maxmemory", 1)  # below current use: every write is refused, reads still work
+    with pytest.raises(CacheUnavailable, match="maxmemory") as info:
+        await c.put(key(1), os.urandom(1000))
+    assert "\n" not in str(info.value)
+    with pytest.raises(CacheUnavailable):
+        async with c.lock(KEY, 5):
+            pass
+    assert await c.get(KEY) == b"stored before the limit"
+    assert c.stats.errors == 2 and c.stats.puts == 1
+
+
+@pytest.mark.asyncio
+async def test_redis_stopped_then_restarted_recovers_by_itself(make_redis, redis_server):
+    c = make_redis(socket_timeout_s=0.5)
+    await c.put(KEY, b"before")
+    redis_server.stop()
+    redis_server.start()  # same port, empty (no persistence); the pooled connection is now dead
+    assert await c.get(KEY) is None  # replaced transparently, no error surfaces
+    await c.put(KEY, b"before")
+    redis_server.stop()
+    for call in (c.get(KEY), c.put(KEY, b"during"), c.contains(KEY), c.size(KEY)):
+        t0 = time.monotonic()
+        with pytest.raises(CacheUnavailable, match="failed"):
+            await call
+        assert time.monotonic() - t0 < 1.5
+    assert not await c.ping()
+    assert c.stats.errors == 4
+    redis_server.start()
+    assert await c.get(KEY) is None
+    await c.put(KEY, b"after")
+    assert await c.get(KEY) == b"after"
+    assert await c.ping()
+
+
+@pytest.mark.asyncio
+async def test_redis_hung_server_times_out_then_recovers_without_stale_replies(make_redis, redis_server):
+    c = make_redis(socket_timeout_s=0.5)
+    await c.put(key(1), b"one")
+    await c.put(key(2), b"two")
+    redis_server.pause()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(CacheUnavailable):
+            await c.get(key(1))
+        elapsed = time.monotonic() - t0
+    finally:
+        redis_server.resume()
+    assert 0.4 <= elapsed < 1.5
+    # the reply to the timed-out GET arrives now; it must not be read as the answer to a later command
+    for _ in range(3):
+        assert await c.get(key(2)) == b"two"
+        assert await c.get(key(1)) == b"one"
+
+
+@pytest.mark.asyncio
+async def test_redis_unreachable_error_is_one_line_and_hides_the_password(redis_server):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = RedisCache(f"redis://user:s3cret@127.0.0.1:{port}/0", socket_timeout_s=0.5)
+    try:
+        with pytest.raises(CacheUnavailable) as info:
+            await c.get(KEY)
+        message = str(info.value)
+        assert "s3cret" not in message and "\n" not in message and "user:***@" in message
+        assert "s3cret" not in repr(c)
+    finally:
+        await c.close()
+
+
+def test_redact_url():
+    assert redact_url("redis://:pw@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact_url("rediss://alice:p%40ss@host/1") == "rediss://alice:***@host/1"
+    assert redact_url("unix:///run/redis.sock?db=0&password=pw") == "unix:///run/redis.sock?db=0&password=***"
+    assert redact_url("redis://alice@host:6379") == "redis://alice@host:6379"
+    assert redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+
+
+@pytest.mark.asyncio
+async def test_redis_allkeys_lru_evicts_and_never_serves_wrong_bytes(make_redis, redis_server):
+    c = make_redis()
+    redis_server.config_set("maxmemory-policy", "allkeys-lru")
+    redis_server.config_set("maxmemory", redis_server.used_memory() + 3 * 2**20)
+    written = {}
+    for i in range(80):  # 8 MB into ~3 MB of room
+        written[key(i)] = os.urandom(100_000)
+        await c.put(key(i), written[key(i)])
+    assert await c.get(key(79)) == written[key(79)]  # the newest survives (read first: reads refresh LRU age)
+    results = {k: await c.get(k) for k in written}
+    assert all(got is None or got == written[k] for k, got in results.items())
+    held = sum(got is not None for got in results.values())
+    assert 0 < held < len(written)
+    assert c.stats.corrupt == 0 and c.stats.errors == 0
+
+
+# -- redis: single-flight lock ------------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_redis_lock_excludes_then_releases(make_redis):
+    a, b = make_redis(), make_redis()  # two processes
+    async with a.lock(KEY, ttl_s=10) as got_a:
+        assert got_a
+        async with b.lock(KEY, ttl_s=10) as got_b:
+            assert not got_b
+        async with a.lock(KEY, ttl_s=10) as again:  # not reentrant either: one flight per id
+            assert not again
+    async with b.lock(KEY, ttl_s=10) as got_b:
+        assert got_b
+    async with a.lock(key(1), ttl_s=10) as other_id:
+        assert other_id
+
+
+@pytest.mark.asyncio
+async def test_redis_lock_expires_after_ttl(make_redis):
+    a, b = make_redis(), make_redis()
+    async with a.lock(KEY, ttl_s=0.2) as got_a:
+        assert got_a
+        await asyncio.sleep(0.35)  # holder hung or died: the lock must not outlive its ttl
+        async with b.lock(KEY, ttl_s=10) as got_b:
+            assert got_b
+
+
+@pytest.mark.asyncio
+async def test_redis_lock_release_never_deletes_a_successors_lock(make_redis, redis_server, redis_prefix):
+    a, b, c = make_redis(), make_redis(), make_redis()
+    lock_key = f"{redis_prefix}lock:{KEY}"
+    late = a.lock(KEY, ttl_s=0.2)
+    assert await late.__aenter__()
+    await asyncio.sleep(0.35)  # a's lock expired while a was still working
+    async with b.lock(KEY, ttl_s=10) as got_b:
+        assert got_b
+        await late.__aexit__(None, None, None)  # a finishes late: its release must leave b's lock alone
+        with redis_server.client() as r:
+            assert r.exists(lock_key)
+        async with c.lock(KEY, ttl_s=10) as got_c:
+            assert not got_c
+    with redis_server.client() as r:
+        assert not r.exists(lock_key)  # b, the owner, did release it
+
+
+@pytest.mark.asyncio
+async def test_memory_lock_always_acquires():
+    c = MemoryCache(max_bytes=100)
+    async with c.lock(KEY, ttl_s=1) as first, c.lock(KEY, ttl_s=1) as second:
+        assert first and second

@@ -1,0 +1,73 @@
+"""The service on Redis: replicas share the cache, corrupt entries are never served, outages degrade
+to uncached generation and recover by themselves. Real Redis, real `loragen serve` processes."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.service_server import ServiceProcess
+from tests.test_service import assert_error, ckpt_dir  # noqa: F401  (the checkpoint fixture)
+
+
+@pytest.fixture
+def replicas(ckpt_dir, redis_server, redis_prefix, tmp_path):  # noqa: F811
+    env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix, "LORAGEN_REDIS_TIMEOUT_S": "0.5"}
+    procs = [ServiceProcess({"tiny": ckpt_dir}, tmp_path / f"serve{i}.log", env) for i in range(2)]
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+def test_replicas_share_the_cache(replicas, redis_server, redis_prefix):
+    a, b = (httpx.Client(base_url=p.url, timeout=60) for p in replicas)
+    first = a.post("/generate", json={"task": "shared between replicas"})
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    adapter_id = first.headers["x-adapter-id"]
+    second = b.post("/generate", json={"task": "shared between replicas"})
+    assert second.headers["x-cache"] == "hit" and second.content == first.content
+    assert b.get(f"/v1/adapters/{adapter_id}").content == first.content
+    r = redis_server.client()
+    key = f"{redis_prefix}adapter:{adapter_id}"
+    assert r.exists(key) and 0 < r.ttl(key) <= 7 * 86400
+    assert b.get("/ready").json()["cache"] == {"backend": "redis", "reachable": True}
+
+
+def test_corrupt_entry_is_dropped_and_regenerated(replicas, redis_server, redis_prefix):
+    c = httpx.Client(base_url=replicas[0].url, timeout=60)
+    good = c.post("/generate", json={"task": "to be corrupted"})
+    adapter_id = good.headers["x-adapter-id"]
+    r = redis_server.client()
+    key = f"{redis_prefix}adapter:{adapter_id}"
+    stored = r.get(key)
+    r.setrange(key, len(stored) - 10, b"\x00\x01\x02")  # flip bytes in the tensor data
+    assert_error(c.get(f"/v1/adapters/{adapter_id}"), 404, "not_found")  # detected, dropped, not served
+    assert not r.exists(key)
+    again = c.post("/generate", json={"task": "to be corrupted"})
+    assert again.headers["x-cache"] == "miss" and again.content == good.content
+    r.set(key, stored[: len(stored) // 2])  # truncated
+    assert c.post("/generate", json={"task": "to be corrupted"}).content == good.content
+
+
+def test_redis_outage_degrades_and_recovers(replicas, redis_server):
+    redis_server.require_managed("stopping Redis")
+    c = httpx.Client(base_url=replicas[0].url, timeout=60)
+    redis_server.stop()
+    try:
+        start = time.monotonic()
+        r = c.post("/generate", json={"task": "generated while Redis is down"})
+        assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+        assert time.monotonic() - start < 30
+        assert c.get("/ready").json()["status"] == "degraded"
+        assert_error(c.get(f"/v1/adapters/{r.headers['x-adapter-id']}"), 503, "unavailable")
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 20
+    while c.get("/ready").json()["status"] != "ready" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert c.get("/ready").json()["status"] == "ready"
+    again = c.post("/generate", json={"task": "generated while Redis is down"})
+    assert again.status_code == 200 and again.content == r.content
+    assert c.post("/generate", json={"task": "generated while Redis is down"}).headers["x-cache"] == "hit"
