@@ -3,6 +3,8 @@ opens the cache; serving objects live on `app.state`."""
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import re
 import time
@@ -86,9 +88,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, rid)
         return envelope(500, "internal_error", "internal error; quote the request id when reporting it", rid)
 
+    key_hashes = settings.api_key_hashes()
+    open_paths = {"/health", "/ready"} | ({"/metrics"} if settings.metrics_public else set())
+
     @app.middleware("http")
     async def _observe(request: Request, call_next):
         start = time.perf_counter()
+        if key_hashes and request.url.path not in open_paths:
+            denied = _check_key(request.headers.get("authorization", ""), key_hashes)
+            if denied is not None:
+                status, type_, message = denied
+                metrics.requests.labels("auth", request.method, str(status)).inc()
+                return envelope(status, type_, message, request.state.request_id,
+                                {"WWW-Authenticate": "Bearer"} if status == 401 else None)
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
@@ -125,6 +137,19 @@ class RequestId:
             await send(message)
 
         await self.app(scope, receive, send_with_id)
+
+
+def _check_key(header: str, key_hashes: list[bytes]) -> tuple[int, str, str] | None:
+    """None if `Authorization: Bearer <key>` holds an accepted key; else (status, type, message).
+    Keys are compared as sha256 digests with a constant-time comparison against every accepted one."""
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        return 401, "unauthorized", "missing API key: send Authorization: Bearer <key>"
+    digest = hashlib.sha256(key.strip().encode()).digest()
+    ok = False
+    for h in key_hashes:  # no early exit: the time taken does not depend on which key matched
+        ok |= hmac.compare_digest(digest, h)
+    return None if ok else (403, "forbidden", "API key not accepted")
 
 
 class BodyLimit:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator
@@ -39,6 +41,33 @@ class Settings(BaseSettings):
     max_pending: int = Field(256, ge=1)  # generations queued or running; beyond: 429 with Retry-After
     request_timeout_s: float = Field(60.0, gt=0)  # beyond: 504; the generation still completes and is cached
     lock_ttl_s: float = Field(30.0, gt=0)  # cross-replica single-flight lock in Redis
+
+    # API keys: none configured = open service. LORAGEN_API_KEYS='k1,k2', or a file of sha256 hex digests
+    # of keys, one per line (so the keys themselves need not be on the server's disk)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_file: Path | None = None
+    metrics_public: bool = True  # /metrics without a key (for a scraper inside the network)
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
+    def api_key_hashes(self) -> list[bytes]:
+        """sha256 digests of every accepted key (from api_keys and api_keys_file)."""
+        hashes = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in self.api_keys]
+        if self.api_keys_file is not None:
+            for n, line in enumerate(self.api_keys_file.read_text().splitlines(), 1):
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    try:
+                        digest = bytes.fromhex(line)
+                    except ValueError:
+                        digest = b""
+                    if len(digest) != 32:
+                        raise ValueError(f"{self.api_keys_file}:{n}: expected a sha256 hex digest of a key")
+                    hashes.append(digest)
+        return hashes
 
     @field_validator("checkpoints", mode="before")
     @classmethod
