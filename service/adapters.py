@@ -45,6 +45,7 @@ class AdapterService:
         self.cache_ok = True  # False while the cache backend is unreachable: we generate uncached
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragen-gen")
+        metrics.pending.set_function(lambda: len(self._inflight))
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -124,7 +125,6 @@ class AdapterService:
             task = asyncio.create_task(self._generate(adapter_id, gen, item, dtype))
             self._inflight[adapter_id] = task
             task.add_done_callback(lambda _t: self._inflight.pop(adapter_id, None))
-            self.metrics.pending.set(len(self._inflight))
         try:
             # shield: a waiter that times out or disconnects leaves the generation running for the others
             data = await asyncio.wait_for(asyncio.shield(task), self.settings.request_timeout_s)
@@ -136,10 +136,12 @@ class AdapterService:
     async def _generate(self, adapter_id: str, gen: LoraGenerator, item: TaskInput, dtype: str) -> bytes:
         try:
             async with self.cache.lock(adapter_id, self.settings.lock_ttl_s) as owner:
-                if not owner:  # another replica generates it: wait for its result, then do it ourselves
+                if owner:  # another replica may have finished between our miss and our lock
+                    data = await self.cache.get(adapter_id)
+                else:  # another replica generates it: wait for its result, else do it ourselves
                     data = await self.cache.wait_for(adapter_id, self.settings.lock_ttl_s)
-                    if data is not None:
-                        return data
+                if data is not None:
+                    return data
                 return await self._run(adapter_id, gen, item, dtype)
         except CacheUnavailable as e:
             self._cache_down(e)

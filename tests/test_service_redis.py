@@ -71,3 +71,23 @@ def test_redis_outage_degrades_and_recovers(replicas, redis_server):
     again = c.post("/generate", json={"task": "generated while Redis is down"})
     assert again.status_code == 200 and again.content == r.content
     assert c.post("/generate", json={"task": "generated while Redis is down"}).headers["x-cache"] == "hit"
+
+
+def test_identical_requests_across_replicas_generate_once(replicas):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.test_service import metric
+
+    clients = [httpx.Client(base_url=p.url, timeout=60) for p in replicas]
+    before = sum(metric(c, "loragen_adapters_generated_total") for c in clients)
+    body = {"document": "Cross-replica single flight. " * 400}
+
+    def post(i):
+        with httpx.Client(base_url=replicas[i % 2].url, timeout=60) as c:
+            return c.post("/generate", json=body)
+
+    with ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, range(16)))
+    assert all(r.status_code == 200 for r in responses)
+    assert len({r.content for r in responses}) == 1
+    assert sum(metric(c, "loragen_adapters_generated_total") for c in clients) - before == 1

@@ -1,0 +1,82 @@
+"""Overload and timeouts on a real server: 429 with Retry-After, 504, and the work is not lost."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.helpers import tiny_checkpoint
+from tests.service_server import ServiceProcess
+from tests.test_service import assert_error, ckpt_dir, metric  # noqa: F401  (the checkpoint fixture)
+
+# ~150k characters: many MiniLM windows, so this generation takes a noticeable time on a small CPU
+LONG_DOC = " ".join(f"Paragraph {i}: rows of numbers are summed and the totals written below." for i in range(2000))
+
+
+@pytest.fixture(scope="module")
+def tight(ckpt_dir, tmp_path_factory):  # noqa: F811
+    d = tmp_path_factory.mktemp("tight")
+    other = tiny_checkpoint("L", seed=9, e=384).save(d / "other")
+    env = {"LORAGEN_MAX_PENDING": "1", "LORAGEN_REQUEST_TIMEOUT_S": "0.2"}
+    proc = ServiceProcess({"tiny": ckpt_dir, "other": other}, d / "serve.log", env, "--default-checkpoint", "other")
+    yield proc
+    proc.stop()
+
+
+def test_timeout_is_504_then_the_adapter_is_cached(tight):
+    c = httpx.Client(base_url=tight.url, timeout=60)
+    r = c.post("/generate", json={"document": LONG_DOC, "checkpoint": "tiny"})
+    assert_error(r, 504, "timeout", "cached when it completes")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        again = c.post("/generate", json={"document": LONG_DOC, "checkpoint": "tiny"})
+        if again.status_code == 200:
+            break
+        time.sleep(0.3)
+    assert again.status_code == 200 and again.headers["x-cache"] == "hit"
+
+
+def test_full_queue_is_429_with_retry_after(tight):
+    c = httpx.Client(base_url=tight.url, timeout=60)
+    slow = threading.Thread(target=lambda: httpx.post(tight.url + "/generate", timeout=60,
+                                                      json={"document": LONG_DOC + " (second)", "checkpoint": "tiny"}))
+    slow.start()
+    try:
+        time.sleep(0.1)
+        statuses = []
+        for i in range(20):  # while the long one is pending, a distinct request finds the queue full
+            r = c.post("/generate", json={"task": f"distinct task {i}", "checkpoint": "tiny"})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert r.headers["retry-after"] == "1"
+                assert_error(r, 429, "overloaded")
+                break
+            time.sleep(0.05)
+        assert 429 in statuses, statuses
+    finally:
+        slow.join(timeout=60)
+    assert c.get("/health").status_code == 200
+
+
+def wait_idle(c: httpx.Client, timeout_s: float = 60) -> None:
+    """Until no generation is pending (one that timed out for its client still runs to completion)."""
+    deadline = time.monotonic() + timeout_s
+    while metric(c, "loragen_pending_generations") > 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert metric(c, "loragen_pending_generations") == 0
+
+
+def test_several_checkpoints_and_the_default(tight):
+    c = httpx.Client(base_url=tight.url, timeout=60)
+    wait_idle(c)
+    listed = {cp["id"]: cp for cp in c.get("/v1/checkpoints").json()["checkpoints"]}
+    assert set(listed) == {"tiny", "other"} and listed["other"]["default"] and not listed["tiny"]["default"]
+    assert listed["other"]["variant"] == "L" and listed["tiny"]["variant"] == "M"
+    default = c.post("/generate", json={"task": "reverse a string"})
+    named = c.post("/generate", json={"task": "reverse a string", "checkpoint": "other"})
+    tiny = c.post("/generate", json={"task": "reverse a string", "checkpoint": "tiny"})
+    assert default.status_code == named.status_code == tiny.status_code == 200
+    assert default.headers["x-adapter-id"] == named.headers["x-adapter-id"] != tiny.headers["x-adapter-id"]
