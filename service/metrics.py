@@ -21,6 +21,8 @@ class Metrics:
         self.generated = Counter("loragen_adapters_generated", "adapters generated (cache misses run)", registry=r)
         self.cache_lookups = Counter("loragen_cache_lookups", "cache look-ups", ["result"], registry=r)
         self.cache_bytes = Gauge("loragen_cache_bytes", "bytes held by the in-process cache", registry=r)
+        self.batch_size = Histogram("loragen_batch_size", "inputs per POST /v1/adapters/batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
 
     def render(self) -> bytes:

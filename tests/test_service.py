@@ -148,6 +148,7 @@ def test_embedding_input_and_batch(client):
     assert r.status_code == 200, r.text
     items = r.json()["adapters"]
     assert [i["cache"] for i in items][1] == "hit" and items[1]["id"] == one.headers["x-adapter-id"]
+    assert metric(client, "loragen_batch_size_count") >= 1
     for item in items:
         got = client.get(f"/v1/adapters/{item['id']}")
         assert got.status_code == 200 and len(got.content) == item["size"]

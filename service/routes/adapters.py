@@ -149,6 +149,7 @@ async def batch(request: Request, body: BatchRequest) -> BatchResponse:
     if len(body.inputs) > service.settings.max_batch:
         raise InvalidInput(f"{len(body.inputs)} inputs; the limit is {service.settings.max_batch} per batch")
     items = [to_task_input(x, service.settings.max_text_chars) for x in body.inputs]  # validate all first
+    service.metrics.batch_size.observe(len(items))
     results = await asyncio.gather(*(service.get_or_generate(body.checkpoint, x, body.dtype) for x in items))
     return BatchResponse(adapters=[BatchItem(id=r.adapter_id, size=len(r.data), cache="hit" if r.hit else "miss")
                                    for r in results])
