@@ -94,8 +94,8 @@ class LoraAdapter:
         for m in hyper.modules:
             a, b = ab[m.name]
             for layer in range(hyper.n_layers):
-                tensors[peft_key(layer, m, "A")] = a[layer].detach().to("cpu", out_dtype).contiguous()
-                tensors[peft_key(layer, m, "B")] = b[layer].detach().to("cpu", out_dtype).contiguous()
+                tensors[peft_key(layer, m, "A")] = _own(a[layer], out_dtype)
+                tensors[peft_key(layer, m, "B")] = _own(b[layer], out_dtype)
         prov = {"dtype": dtype, "base_model": hyper.base_model, **(provenance or {})}
         return cls(dict(sorted(tensors.items())), peft_config(hyper), {k: str(v) for k, v in prov.items()})
 
@@ -146,6 +146,12 @@ class LoraAdapter:
 
     def tar_bytes(self, prefix: str = "") -> bytes:
         return b"".join(self.iter_tar(prefix))
+
+
+def _own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous CPU copy in `dtype` with storage of its own: a slice of the batch's output would keep
+    the whole batch alive for as long as the adapter is held (e.g. in a cache)."""
+    return torch.empty(t.shape, dtype=dtype).copy_(t.detach())
 
 
 def _ordered(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:

@@ -114,9 +114,10 @@ class HyperLoRA(nn.Module):
             raise ValueError(f"task_emb must be (B, {self.config.task_emb_dim}), got {tuple(task_emb.shape)}")
         out = {}
         for m, (a, b_t) in zip(self.config.modules, self.generate(task_emb), strict=True):
-            a = a + self.AB_offset["A"][m.name]
-            b_ = b_t.transpose(-1, -2) + self.AB_offset["B"][m.name]  # (B, N, d_out, r)
-            out[m.name] = (a, b_)
+            off_a, off_b = self.AB_offset["A"][m.name], self.AB_offset["B"][m.name]
+            b_ = b_t.transpose(-1, -2)  # (B, N, d_out, r)
+            # offsets are zero in every released checkpoint: skip adding a batch-sized tensor of zeros
+            out[m.name] = (a + off_a if off_a.any() else a, b_ + off_b if off_b.any() else b_)
         return out
 
     def generate(self, task_emb: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -135,3 +135,24 @@ def test_tar_of_stored_file_equals_tar_of_adapter(gen):
     raw = b"".join(iter_tar_of_file(a.safetensors_bytes(), prefix="x"))
     assert raw == a.tar_bytes("x")
     assert len(raw) == tar_size(len(a.config_json()), a.safetensors_size())
+
+
+def test_adapters_own_their_memory(gen):
+    """An adapter kept in a cache must not pin the whole batch's output (views into one big tensor)."""
+    g = torch.Generator().manual_seed(3)
+    adapters = gen.generate([TaskInput.from_embedding(torch.randn(16, generator=g)) for _ in range(4)])
+    for a in adapters:
+        for name, t in a.tensors.items():
+            assert t.is_contiguous()
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+
+
+def test_non_finite_generation_is_refused():
+    """A finite checkpoint can still overflow; such weights are never shipped."""
+    ckpt = tiny_checkpoint("L", seed=4)
+    gen = LoraGenerator(ckpt)
+    with torch.no_grad():
+        gen.net.heads["q_proj"].bias.fill_(3e38)
+        gen.net.heads["q_proj"].weight.fill_(3e38)
+    with pytest.raises(InputError, match="non-finite"):
+        _adapter(gen)
