@@ -99,7 +99,7 @@ class TaskEncoder:
             raise EncoderError(
                 f"encoder {name} ships its own modelling code, and loading it would run that code; this "
                 "needs an explicit operator opt-in: pass --trust-remote-code or set "
-                "LORAGEN_TRUST_REMOTE_CODE=1 (trust_remote_code=True in the library)"
+                "LORAGEN_TRUST_REMOTE_CODE=1 (the trust_remote_code argument in the library)"
             )
         # transformers is heavy to import: only when an encoder is actually loaded
         from transformers import AutoModel, AutoTokenizer

@@ -24,36 +24,49 @@ log = logging.getLogger("loragen")
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def load_generators(settings: Settings) -> dict:
+    """Every checkpoint the settings name, loaded on the configured device: {id: LoraGenerator}.
+    Raises LoragenError (one line for the operator) for a missing or invalid checkpoint."""
+    import torch
+
+    from generator.errors import EncoderError, LoragenError
+    from generator.pipeline import LoraGenerator
+
+    device = settings.device
+    if device == "auto":
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LoragenError(f"device {device}: no CUDA device is available here; use --device cpu or auto")
+    generators = {}
+    for cid, source in settings.checkpoints.items():
+        gen = LoraGenerator.load(source, device=device, compute_dtype=getattr(torch, settings.compute_dtype),
+                                 trust_remote_code=settings.trust_remote_code)
+        try:
+            _ = gen.encoder  # load now: the first text request should not pay for it
+        except EncoderError as e:  # e.g. an encoder that needs remote code: embeddings still work
+            log.warning("checkpoint %s: task encoder unavailable, only embeddings accepted: %s", cid, e)
+        generators[cid] = gen
+        log.info("serving checkpoint %s from %s (variant %s, base %s, sha256 %s)", cid, source,
+                 gen.config.variant, gen.config.base_model, gen.checkpoint.sha256[:12])
+    return generators
+
+
+def create_app(settings: Settings | None = None, generators: dict | None = None) -> FastAPI:
+    """The app for `settings`. `generators` (from `load_generators`) lets a caller load checkpoints before
+    the server starts, so that a bad one fails fast; otherwise the lifespan loads them."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        import torch
-
-        from generator.pipeline import LoraGenerator
         from service.adapters import AdapterService
         from service.cache import make_cache
 
-        device = settings.device
-        if device == "auto":
-            device = "cuda:0" if torch.cuda.is_available() else "cpu"
-        generators = {}
-        for cid, source in settings.checkpoints.items():
-            gen = LoraGenerator.load(source, device=device, compute_dtype=getattr(torch, settings.compute_dtype),
-                                     trust_remote_code=settings.trust_remote_code)
-            try:
-                _ = gen.encoder  # load now: the first text request should not pay for it
-            except Exception as e:  # e.g. an encoder that needs remote code: embeddings still work
-                log.warning("checkpoint %s: task encoder unavailable, only embeddings accepted: %s", cid, e)
-            generators[cid] = gen
-            log.info("serving checkpoint %s from %s (variant %s, base %s, sha256 %s)", cid, source,
-                     gen.config.variant, gen.config.base_model, gen.checkpoint.sha256[:12])
+        loaded = generators if generators is not None else load_generators(settings)
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         cache = make_cache(redis_url, max_bytes=settings.memory_cache_bytes, prefix=settings.cache_prefix,
                            ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
-        app.state.service = AdapterService(settings, generators, cache, metrics)
+        app.state.service = AdapterService(settings, loaded, cache, metrics)
         try:
             yield
         finally:

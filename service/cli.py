@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.app import create_app
+    from service.app import create_app, load_generators
     from service.settings import Settings, parse_checkpoint_arg
 
     overrides = {k: v for k, v in vars(args).items()
@@ -120,7 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.default_checkpoint and settings.default_checkpoint not in settings.checkpoints:
         raise _usage(f"--default-checkpoint {settings.default_checkpoint} is not among {list(settings.checkpoints)}")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+    generators = load_generators(settings)  # before the server starts: a bad checkpoint is one line, exit 2
+    uvicorn.run(create_app(settings, generators), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=10)
     return 0
 

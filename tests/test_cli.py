@@ -159,3 +159,14 @@ def test_console_script_runs(fixtures_dir, tmp_path):
     assert ok.returncode == 0 and "variant                M" in ok.stdout
     bad = subprocess.run([*cmd, "inspect", str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_serve_with_a_bad_checkpoint_is_one_line(tmp_path):
+    """Checkpoints are loaded before the server starts, so a bad one is a clear line, not a traceback."""
+    script = Path(sys.executable).with_name("loragen")
+    (tmp_path / "broken").mkdir()
+    for src, match in ((tmp_path / "none", "not found"), (tmp_path / "broken", "is not a checkpoint")):
+        out = subprocess.run([str(script), "serve", "--checkpoint", f"x={src}", "--port", "0"],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert out.stderr.strip().count("\n") == 0 and match in out.stderr and "Traceback" not in out.stderr
