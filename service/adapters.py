@@ -3,7 +3,7 @@
     request ─► id = sha256(checkpoint hash, normalised input, dtype, compute dtype, format version)
             ─► cache hit: stored bytes
             ─► miss: one generation per id in this process (waiters share a task), and across replicas
-               through a Redis lock; torch runs in a worker thread, never on the event loop
+               through a Redis lock; the worker pool batches it with others, off the event loop
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from generator.errors import LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
 from service.cache import AdapterCache, CacheUnavailable
 from service.errors import InvalidInput, NotFound, Overloaded, Timeout, Unavailable
 from service.metrics import Metrics
+from service.pool import Job, WorkerPool
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -36,7 +34,8 @@ class Result:
 
 
 class AdapterService:
-    def __init__(self, settings: Settings, generators: dict[str, LoraGenerator], cache: AdapterCache, metrics: Metrics):
+    def __init__(self, settings: Settings, generators: dict[str, LoraGenerator], cache: AdapterCache, metrics: Metrics,
+                 pool: WorkerPool):
         self.settings = settings
         self.generators = generators
         self.default = settings.default_checkpoint or next(iter(generators), None)
@@ -44,11 +43,8 @@ class AdapterService:
         self.metrics = metrics
         self.cache_ok = True  # False while the cache backend is unreachable: we generate uncached
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loragen-gen")
+        self.pool = pool
         metrics.pending.set_function(lambda: len(self._inflight))
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- identity ----
 
@@ -122,7 +118,7 @@ class AdapterService:
             if len(self._inflight) >= self.settings.max_pending:
                 raise Overloaded(f"{len(self._inflight)} generations pending; retry shortly",
                                  headers={"Retry-After": "1"})
-            task = asyncio.create_task(self._generate(adapter_id, gen, item, dtype))
+            task = asyncio.create_task(self._generate(adapter_id, cid, item, dtype))
             self._inflight[adapter_id] = task
             task.add_done_callback(lambda _t: self._inflight.pop(adapter_id, None))
         try:
@@ -133,7 +129,7 @@ class AdapterService:
                           "the adapter will be cached when it completes, retry later") from None
         return Result(adapter_id, data, hit=False)
 
-    async def _generate(self, adapter_id: str, gen: LoraGenerator, item: TaskInput, dtype: str) -> bytes:
+    async def _generate(self, adapter_id: str, cid: str, item: TaskInput, dtype: str) -> bytes:
         try:
             async with self.cache.lock(adapter_id, self.settings.lock_ttl_s) as owner:
                 if owner:  # another replica may have finished between our miss and our lock
@@ -142,20 +138,13 @@ class AdapterService:
                     data = await self.cache.wait_for(adapter_id, self.settings.lock_ttl_s)
                 if data is not None:
                     return data
-                return await self._run(adapter_id, gen, item, dtype)
+                return await self._run(adapter_id, cid, item, dtype)
         except CacheUnavailable as e:
             self._cache_down(e)
-            return await self._run(adapter_id, gen, item, dtype)
+            return await self._run(adapter_id, cid, item, dtype)
 
-    async def _run(self, adapter_id: str, gen: LoraGenerator, item: TaskInput, dtype: str) -> bytes:
-        loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-        try:
-            (adapter,) = await loop.run_in_executor(self._executor, gen.generate, [item], dtype)
-            data = await loop.run_in_executor(self._executor, adapter.safetensors_bytes)
-        except LoragenError as e:
-            raise InvalidInput(str(e)) from None
-        self.metrics.generation_seconds.observe(time.perf_counter() - start)
+    async def _run(self, adapter_id: str, cid: str, item: TaskInput, dtype: str) -> bytes:
+        data = await self.pool.submit(Job(cid, item, dtype))  # batched with others on a worker thread
         self.metrics.generated.inc()
         await self._store(adapter_id, data)
         return data

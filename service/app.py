@@ -24,34 +24,50 @@ log = logging.getLogger("loragen")
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$")
 
 
-def load_generators(settings: Settings) -> dict:
-    """Every checkpoint the settings name, loaded on the configured device: {id: LoraGenerator}.
-    Raises LoragenError (one line for the operator) for a missing or invalid checkpoint."""
+def devices_for(setting: str) -> list[str]:
+    """'auto' → every visible CUDA device, else ['cpu']; otherwise the comma-separated list as given."""
     import torch
 
-    from generator.errors import EncoderError, LoragenError
+    from generator.errors import LoragenError
+
+    if setting == "auto":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    devices = [d.strip() for d in setting.split(",") if d.strip()]
+    for d in devices:
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise LoragenError(f"device {d}: no CUDA device is available here; use --device cpu or auto")
+    return devices or ["cpu"]
+
+
+def load_generators(settings: Settings) -> list[dict]:
+    """Every checkpoint the settings name, loaded once per device: [{id: LoraGenerator}] (one dict per
+    worker). Raises LoragenError (one line for the operator) for a missing or invalid checkpoint."""
+    import torch
+
+    from generator.checkpoint import load_checkpoint
+    from generator.errors import EncoderError
     from generator.pipeline import LoraGenerator
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda:0" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LoragenError(f"device {device}: no CUDA device is available here; use --device cpu or auto")
-    generators = {}
-    for cid, source in settings.checkpoints.items():
-        gen = LoraGenerator.load(source, device=device, compute_dtype=getattr(torch, settings.compute_dtype),
-                                 trust_remote_code=settings.trust_remote_code)
-        try:
-            _ = gen.encoder  # load now: the first text request should not pay for it
-        except EncoderError as e:  # e.g. an encoder that needs remote code: embeddings still work
-            log.warning("checkpoint %s: task encoder unavailable, only embeddings accepted: %s", cid, e)
-        generators[cid] = gen
-        log.info("serving checkpoint %s from %s (variant %s, base %s, sha256 %s)", cid, source,
-                 gen.config.variant, gen.config.base_model, gen.checkpoint.sha256[:12])
-    return generators
+    checkpoints = {cid: load_checkpoint(src) for cid, src in settings.checkpoints.items()}
+    per_device = []
+    for device in devices_for(settings.device):
+        generators = {}
+        for cid, ckpt in checkpoints.items():
+            gen = LoraGenerator(ckpt, device=device, compute_dtype=getattr(torch, settings.compute_dtype),
+                                trust_remote_code=settings.trust_remote_code)
+            try:
+                _ = gen.encoder  # load now: the first text request should not pay for it
+            except EncoderError as e:  # e.g. an encoder that needs remote code: embeddings still work
+                log.warning("checkpoint %s: task encoder unavailable, only embeddings accepted: %s", cid, e)
+            generators[cid] = gen
+            log.info("serving checkpoint %s on %s from %s (variant %s, base %s, sha256 %s)", cid, device,
+                     settings.checkpoints[cid], gen.config.variant, gen.config.base_model, ckpt.sha256[:12])
+        per_device.append(generators)
+    return per_device
 
 
-def create_app(settings: Settings | None = None, generators: dict | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, generators: list[dict] | None = None) -> FastAPI:
     """The app for `settings`. `generators` (from `load_generators`) lets a caller load checkpoints before
     the server starts, so that a bad one fails fast; otherwise the lifespan loads them."""
     settings = settings or Settings()
@@ -61,16 +77,20 @@ def create_app(settings: Settings | None = None, generators: dict | None = None)
     async def lifespan(app: FastAPI):
         from service.adapters import AdapterService
         from service.cache import make_cache
+        from service.pool import WorkerPool
 
         loaded = generators if generators is not None else load_generators(settings)
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         cache = make_cache(redis_url, max_bytes=settings.memory_cache_bytes, prefix=settings.cache_prefix,
                            ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
-        app.state.service = AdapterService(settings, loaded, cache, metrics)
+        pool = WorkerPool(loaded, metrics, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
+                          max_queue=settings.max_pending)
+        pool.start()
+        app.state.service = AdapterService(settings, loaded[0], cache, metrics, pool)
         try:
             yield
         finally:
-            app.state.service.close()
+            pool.close()
             await cache.close()
 
     app = FastAPI(title="loragen", version=_version(), lifespan=lifespan,

@@ -122,7 +122,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     generators = load_generators(settings)  # before the server starts: a bad checkpoint is one line, exit 2
     uvicorn.run(create_app(settings, generators), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10)
+                timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 

@@ -23,6 +23,11 @@ class Metrics:
         self.cache_bytes = Gauge("loragen_cache_bytes", "bytes held by the in-process cache", registry=r)
         self.batch_size = Histogram("loragen_batch_size", "inputs per POST /v1/adapters/batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.batch_generated = Histogram("loragen_generation_batch_size", "adapters generated per forward pass",
+                                         ["device"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
+        self.queue_depth = Gauge("loragen_queue_depth", "generation jobs waiting for a worker", registry=r)
+        self.worker_restarts = Counter("loragen_worker_restarts", "in-process workers restarted after dying",
+                                       registry=r)
         self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
 
     def render(self) -> bytes:

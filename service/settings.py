@@ -26,7 +26,7 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    device: str = "auto"  # "auto": the first CUDA device if there is one, else the CPU
+    device: str = "auto"  # "auto": every visible CUDA device (a worker each), else the CPU; or "cuda:0,cuda:1"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # float32 is the exact default
 
     redis_url: SecretStr | None = None  # None: the embedded in-process LRU cache
@@ -38,9 +38,12 @@ class Settings(BaseSettings):
     max_text_chars: int = Field(200_000, ge=1)  # a task description or a document
     max_body_bytes: int = Field(4 * MiB, ge=1024)  # refused with 413 before the body is read whole
     max_batch: int = Field(64, ge=1)  # inputs in one POST /v1/adapters/batch
+    max_batch_size: int = Field(16, ge=1)  # inputs per forward pass of a worker
+    max_wait_ms: float = Field(5.0, ge=0)  # how long a worker waits for a batch to fill after its first job
     max_pending: int = Field(256, ge=1)  # generations queued or running; beyond: 429 with Retry-After
     request_timeout_s: float = Field(60.0, gt=0)  # beyond: 504; the generation still completes and is cached
     lock_ttl_s: float = Field(30.0, gt=0)  # cross-replica single-flight lock in Redis
+    shutdown_grace_s: float = Field(30.0, ge=0)  # SIGTERM: stop accepting, finish in-flight requests, exit
 
     # API keys: none configured = open service. LORAGEN_API_KEYS='k1,k2', or a file of sha256 hex digests
     # of keys, one per line (so the keys themselves need not be on the server's disk)

@@ -1,0 +1,177 @@
+"""In-process worker pool: one worker thread per device, a bounded queue, dynamic batching.
+
+    submit(job) ─► bounded queue ─► worker (one per device) takes up to max_batch_size jobs, waiting at most
+                   max_wait_ms after the first; groups them by (checkpoint, dtype); one encoder + hypernetwork
+                   pass per group; each waiter gets its own adapter bytes
+
+Torch runs on the worker threads (it releases the GIL), never on the event loop. A job whose waiters all
+left before a worker took it is skipped. A worker whose thread dies is replaced, and the jobs it held fail
+at once with a retryable 503 instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+from generator.errors import LoragenError
+from generator.pipeline import LoraGenerator, TaskInput
+from service.errors import InvalidInput, Overloaded, Unavailable
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    checkpoint: str
+    item: TaskInput
+    dtype: str
+
+
+@dataclass(eq=False)
+class _Entry:
+    job: Job
+    future: concurrent.futures.Future  # bytes, or an ApiError
+
+
+class Worker:
+    """A thread on one device holding that device's generators (encoder + hypernetwork per checkpoint)."""
+
+    def __init__(self, pool: WorkerPool, index: int, generators: dict[str, LoraGenerator]):
+        self.pool, self.index, self.generators = pool, index, generators
+        self.device = str(next(iter(generators.values())).device) if generators else "cpu"
+        self.current: list[_Entry] = []
+        self.thread = threading.Thread(target=self._loop, name=f"loragen-worker-{index}", daemon=True)
+
+    def _loop(self) -> None:
+        while not self.pool.stopping.is_set():
+            batch = self.pool.take_batch()
+            if not batch:
+                continue
+            self.current = batch
+            try:
+                self._run(batch)
+            finally:
+                self.current = []
+
+    def _run(self, batch: list[_Entry]) -> None:
+        groups: dict[tuple[str, str], list[_Entry]] = defaultdict(list)
+        for e in batch:
+            groups[(e.job.checkpoint, e.job.dtype)].append(e)
+        for (cid, dtype), entries in groups.items():
+            gen = self.generators[cid]
+            start = time.perf_counter()
+            try:
+                adapters = gen.generate([e.job.item for e in entries], dtype)
+            except LoragenError:
+                for e in entries:  # one bad input must not fail its neighbours: run each alone
+                    self._alone(e, gen, dtype)
+                continue
+            except Exception:  # a bug or a device failure: retryable for the client, logged for us
+                log.exception("worker %d (%s) failed a batch of %d", self.index, self.device, len(entries))
+                for e in entries:
+                    _settle(e, error=Unavailable(f"generation failed on {self.device}; retry",
+                                                 headers={"Retry-After": "1"}))
+                continue
+            self.pool.metrics.generation_seconds.observe((time.perf_counter() - start) / len(entries))
+            self.pool.metrics.batch_generated.labels(self.device).observe(len(entries))
+            for e, adapter in zip(entries, adapters, strict=True):
+                _settle(e, result=adapter.safetensors_bytes())
+
+    @staticmethod
+    def _alone(e: _Entry, gen: LoraGenerator, dtype: str) -> None:
+        """One job on its own; its LoragenError (a bad input) becomes its waiter's 422."""
+        try:
+            (adapter,) = gen.generate([e.job.item], dtype)
+            _settle(e, result=adapter.safetensors_bytes())
+        except LoragenError as err:
+            _settle(e, error=InvalidInput(str(err)))
+
+
+def _settle(e: _Entry, result: bytes | None = None, error: Exception | None = None) -> None:
+    if e.future.done():  # cancelled by its waiter meanwhile
+        return
+    if error is not None:
+        e.future.set_exception(error)
+    else:
+        e.future.set_result(result)
+
+
+class WorkerPool:
+    def __init__(self, generators_per_device: list[dict[str, LoraGenerator]], metrics: Metrics, *,
+                 max_batch_size: int, max_wait_ms: float, max_queue: int):
+        self.metrics = metrics
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.queue: queue.Queue[_Entry] = queue.Queue(maxsize=max_queue)
+        self.stopping = threading.Event()
+        self.generators_per_device = generators_per_device
+        self.workers = [Worker(self, i, g) for i, g in enumerate(generators_per_device)]
+        self.restarts = 0
+        self._supervisor: asyncio.Task | None = None
+        metrics.queue_depth.set_function(self.queue.qsize)
+
+    def start(self) -> None:
+        for w in self.workers:
+            w.thread.start()
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
+
+    async def _supervise(self, every_s: float = 0.5) -> None:
+        while not self.stopping.is_set():
+            await asyncio.sleep(every_s)
+            for i, w in enumerate(self.workers):
+                if not w.thread.is_alive() and not self.stopping.is_set():
+                    log.error("worker %d (%s) died; failing its %d jobs and restarting it", i, w.device, len(w.current))
+                    for e in w.current:
+                        _settle(e, error=Unavailable("the worker holding this request died; retry",
+                                                     headers={"Retry-After": "1"}))
+                    self.workers[i] = Worker(self, i, w.generators)
+                    self.workers[i].thread.start()
+                    self.restarts += 1
+                    self.metrics.worker_restarts.inc()
+
+    def take_batch(self) -> list[_Entry]:
+        """Called on a worker thread: block briefly for a first job, then gather more until the batch is
+        full or max_wait has passed since the first. Jobs whose waiters left are dropped here."""
+        try:
+            first = self.queue.get(timeout=0.1)
+        except queue.Empty:
+            return []
+        batch = [first]
+        deadline = time.monotonic() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                batch.append(self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return [e for e in batch if e.future.set_running_or_notify_cancel()]
+
+    async def submit(self, job: Job) -> bytes:
+        entry = _Entry(job, concurrent.futures.Future())
+        try:
+            self.queue.put_nowait(entry)
+        except queue.Full:
+            raise Overloaded(f"generation queue full ({self.queue.maxsize} waiting); retry shortly",
+                             headers={"Retry-After": "1"}) from None
+        # cancelling the awaiting task cancels the future: a job not yet taken by a worker is skipped
+        return await asyncio.wrap_future(entry.future)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        while True:  # nobody will take what is still queued: fail it rather than leave it hanging
+            try:
+                _settle(self.queue.get_nowait(), error=Unavailable("shutting down; retry", headers={"Retry-After": "1"}))
+            except queue.Empty:
+                break
+        for w in self.workers:
+            w.thread.join(timeout=timeout_s)
