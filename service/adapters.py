@@ -13,12 +13,14 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from typing import Protocol
 
-from generator.pipeline import LoraGenerator, TaskInput
+from generator.checkpoint import Checkpoint
+from generator.pipeline import TaskInput
 from service.cache import AdapterCache, CacheUnavailable
 from service.errors import InvalidInput, NotFound, Overloaded, Timeout, Unavailable
 from service.metrics import Metrics
-from service.pool import Job, WorkerPool
+from service.pool import Job
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,34 +35,42 @@ class Result:
     hit: bool
 
 
+class Backend(Protocol):
+    """Where generation happens: the in-process WorkerPool, or remote workers through a Redis Stream."""
+
+    stores_results: bool  # True: the backend writes the cache itself (remote workers)
+
+    async def submit(self, job: Job) -> bytes: ...
+
+
 class AdapterService:
-    def __init__(self, settings: Settings, generators: dict[str, LoraGenerator], cache: AdapterCache, metrics: Metrics,
-                 pool: WorkerPool):
+    def __init__(self, settings: Settings, checkpoints: dict[str, Checkpoint], cache: AdapterCache, metrics: Metrics,
+                 backend: Backend):
         self.settings = settings
-        self.generators = generators
-        self.default = settings.default_checkpoint or next(iter(generators), None)
+        self.checkpoints = checkpoints
+        self.default = settings.default_checkpoint or next(iter(checkpoints), None)
         self.cache = cache
         self.metrics = metrics
+        self.backend = backend
         self.cache_ok = True  # False while the cache backend is unreachable: we generate uncached
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
-        self.pool = pool
         metrics.pending.set_function(lambda: len(self._inflight))
 
     # ---- identity ----
 
-    def resolve(self, checkpoint: str | None) -> tuple[str, LoraGenerator]:
+    def resolve(self, checkpoint: str | None) -> tuple[str, Checkpoint]:
         cid = checkpoint or self.default
-        if cid not in self.generators:
-            served = ", ".join(self.generators) or "none"
+        if cid not in self.checkpoints:
+            served = ", ".join(self.checkpoints) or "none"
             raise InvalidInput(f"unknown checkpoint {checkpoint!r}; served: {served}")
-        return cid, self.generators[cid]
+        return cid, self.checkpoints[cid]
 
-    def adapter_id(self, gen: LoraGenerator, item: TaskInput, dtype: str) -> str:
+    def adapter_id(self, ckpt: Checkpoint, item: TaskInput, dtype: str) -> str:
         key = {
-            "checkpoint": gen.checkpoint.sha256,
+            "checkpoint": ckpt.sha256,
             "input": [item.kind, item.digest()],
             "dtype": dtype,
-            "compute_dtype": str(gen.compute_dtype).removeprefix("torch."),
+            "compute_dtype": self.settings.compute_dtype,
             "format_version": ADAPTER_FORMAT_VERSION,
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -105,11 +115,11 @@ class AdapterService:
     # ---- generation ----
 
     async def get_or_generate(self, checkpoint: str | None, item: TaskInput, dtype: str) -> Result:
-        cid, gen = self.resolve(checkpoint)
-        if item.kind == "embedding" and len(item.embedding) != gen.config.task_emb_dim:
+        cid, ckpt = self.resolve(checkpoint)
+        if item.kind == "embedding" and len(item.embedding) != ckpt.config.task_emb_dim:
             raise InvalidInput(f"embedding has {len(item.embedding)} values; checkpoint {cid} takes "
-                               f"{gen.config.task_emb_dim}")
-        adapter_id = self.adapter_id(gen, item, dtype)
+                               f"{ckpt.config.task_emb_dim}")
+        adapter_id = self.adapter_id(ckpt, item, dtype)
         data = await self.cached(adapter_id)
         if data is not None:
             return Result(adapter_id, data, hit=True)
@@ -118,7 +128,8 @@ class AdapterService:
             if len(self._inflight) >= self.settings.max_pending:
                 raise Overloaded(f"{len(self._inflight)} generations pending; retry shortly",
                                  headers={"Retry-After": "1"})
-            task = asyncio.create_task(self._generate(adapter_id, cid, item, dtype))
+            job = Job(adapter_id, cid, ckpt.sha256, item, dtype, self.settings.compute_dtype)
+            task = asyncio.create_task(self._generate(job))
             self._inflight[adapter_id] = task
             task.add_done_callback(lambda _t: self._inflight.pop(adapter_id, None))
         try:
@@ -129,22 +140,24 @@ class AdapterService:
                           "the adapter will be cached when it completes, retry later") from None
         return Result(adapter_id, data, hit=False)
 
-    async def _generate(self, adapter_id: str, cid: str, item: TaskInput, dtype: str) -> bytes:
+    async def _generate(self, job: Job) -> bytes:
+        if self.backend.stores_results:  # remote workers: duplicates are harmless, the worker caches
+            return await self.backend.submit(job)
         try:
-            async with self.cache.lock(adapter_id, self.settings.lock_ttl_s) as owner:
+            async with self.cache.lock(job.adapter_id, self.settings.lock_ttl_s) as owner:
                 if owner:  # another replica may have finished between our miss and our lock
-                    data = await self.cache.get(adapter_id)
+                    data = await self.cache.get(job.adapter_id)
                 else:  # another replica generates it: wait for its result, else do it ourselves
-                    data = await self.cache.wait_for(adapter_id, self.settings.lock_ttl_s)
+                    data = await self.cache.wait_for(job.adapter_id, self.settings.lock_ttl_s)
                 if data is not None:
                     return data
-                return await self._run(adapter_id, cid, item, dtype)
+                return await self._run(job)
         except CacheUnavailable as e:
             self._cache_down(e)
-            return await self._run(adapter_id, cid, item, dtype)
+            return await self._run(job)
 
-    async def _run(self, adapter_id: str, cid: str, item: TaskInput, dtype: str) -> bytes:
-        data = await self.pool.submit(Job(cid, item, dtype))  # batched with others on a worker thread
+    async def _run(self, job: Job) -> bytes:
+        data = await self.backend.submit(job)  # batched with others on a worker thread
         self.metrics.generated.inc()
-        await self._store(adapter_id, data)
+        await self._store(job.adapter_id, data)
         return data

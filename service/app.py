@@ -86,7 +86,8 @@ def create_app(settings: Settings | None = None, generators: list[dict] | None =
         pool = WorkerPool(loaded, metrics, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
                           max_queue=settings.max_pending)
         pool.start()
-        app.state.service = AdapterService(settings, loaded[0], cache, metrics, pool)
+        checkpoints = {cid: gen.checkpoint for cid, gen in loaded[0].items()}
+        app.state.service = AdapterService(settings, checkpoints, cache, metrics, pool)
         try:
             yield
         finally:

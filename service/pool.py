@@ -30,9 +30,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
-    checkpoint: str
+    adapter_id: str
+    checkpoint: str  # id on this node
+    checkpoint_sha256: str  # identity across nodes: a remote worker finds its generator by this
     item: TaskInput
-    dtype: str
+    dtype: str  # output dtype
+    compute_dtype: str
 
 
 @dataclass(eq=False)
@@ -105,6 +108,8 @@ def _settle(e: _Entry, result: bytes | None = None, error: Exception | None = No
 
 
 class WorkerPool:
+    stores_results = False  # AdapterService caches what the pool returns
+
     def __init__(self, generators_per_device: list[dict[str, LoraGenerator]], metrics: Metrics, *,
                  max_batch_size: int, max_wait_ms: float, max_queue: int):
         self.metrics = metrics

@@ -31,6 +31,10 @@ def generators():
     return {"text": text, "remote": LoraGenerator(Checkpoint.from_state_dict(cfg, remote.state_dict))}
 
 
+def job(cid: str, item: TaskInput, dtype: str) -> Job:
+    return Job(f"{cid}-{item.digest()[:8]}-{dtype}", cid, "sha-not-used-in-process", item, dtype, "float32")
+
+
 def emb(seed: int) -> TaskInput:
     return TaskInput.from_embedding(torch.randn(384, generator=torch.Generator().manual_seed(seed)))
 
@@ -56,7 +60,7 @@ def test_concurrent_jobs_are_batched_and_match_direct_generation(generators):
     items = [emb(i) for i in range(12)] + [TaskInput.task(f"task number {i}") for i in range(4)]
 
     async def run(pool):
-        return await asyncio.gather(*(pool.submit(Job("text", x, "float32")) for x in items))
+        return await asyncio.gather(*(pool.submit(job("text", x, "float32")) for x in items))
 
     results, metrics = asyncio.run(with_pool(generators, run))
     passes, total = batches(metrics)
@@ -70,7 +74,7 @@ def test_concurrent_jobs_are_batched_and_match_direct_generation(generators):
 
 
 def test_groups_by_checkpoint_and_dtype(generators):
-    jobs = [Job("text", emb(1), "float32"), Job("text", emb(1), "bfloat16"), Job("remote", emb(1), "float16")]
+    jobs = [job("text", emb(1), "float32"), job("text", emb(1), "bfloat16"), job("remote", emb(1), "float16")]
 
     async def run(pool):
         return await asyncio.gather(*(pool.submit(j) for j in jobs))
@@ -83,8 +87,8 @@ def test_groups_by_checkpoint_and_dtype(generators):
 
 
 def test_a_bad_input_fails_alone(generators):
-    jobs = [Job("remote", emb(3), "float32"), Job("remote", TaskInput.task("needs gte"), "float32"),
-            Job("remote", emb(4), "float32")]
+    jobs = [job("remote", emb(3), "float32"), job("remote", TaskInput.task("needs gte"), "float32"),
+            job("remote", emb(4), "float32")]
 
     async def run(pool):
         return await asyncio.gather(*(pool.submit(j) for j in jobs), return_exceptions=True)
@@ -98,12 +102,12 @@ def test_full_queue_is_overloaded(generators):
     long_doc = TaskInput.document(" ".join(f"Sentence {i} about sorting lists." for i in range(3000)))
 
     async def run(pool):
-        first = asyncio.create_task(pool.submit(Job("text", long_doc, "float32")))
+        first = asyncio.create_task(pool.submit(job("text", long_doc, "float32")))
         await asyncio.sleep(0.2)  # the worker holds the long job; the queue (size 1) takes one more
-        second = asyncio.create_task(pool.submit(Job("text", emb(5), "float32")))
+        second = asyncio.create_task(pool.submit(job("text", emb(5), "float32")))
         await asyncio.sleep(0)
         with pytest.raises(Overloaded) as exc:
-            await pool.submit(Job("text", emb(6), "float32"))
+            await pool.submit(job("text", emb(6), "float32"))
         assert exc.value.headers["Retry-After"] == "1"
         return await asyncio.gather(first, second)
 
@@ -115,9 +119,9 @@ def test_a_job_whose_waiter_left_is_not_generated(generators):
     long_doc = TaskInput.document(" ".join(f"Sentence {i} about reversing words." for i in range(3000)))
 
     async def run(pool):
-        first = asyncio.create_task(pool.submit(Job("text", long_doc, "float32")))
+        first = asyncio.create_task(pool.submit(job("text", long_doc, "float32")))
         await asyncio.sleep(0.2)
-        gone = asyncio.create_task(pool.submit(Job("text", emb(7), "float32")))
+        gone = asyncio.create_task(pool.submit(job("text", emb(7), "float32")))
         await asyncio.sleep(0.05)
         gone.cancel()  # the client disconnected while its job was queued
         await first

@@ -16,13 +16,13 @@ async def health() -> dict:
 @router.get("/ready", summary="readiness: checkpoints loaded, generator up, cache reachable when configured")
 async def ready(request: Request) -> JSONResponse:
     service = getattr(request.app.state, "service", None)
-    if service is None or not service.generators:
+    if service is None or not service.checkpoints:
         return JSONResponse({"status": "not_ready", "checkpoints": []}, status_code=503)
     cache_ok = await service.cache.ping()
     service.cache_ok = cache_ok
     body = {
         "status": "ready" if cache_ok else "degraded",  # degraded: still generating, uncached
-        "checkpoints": list(service.generators),
+        "checkpoints": list(service.checkpoints),
         "cache": {"backend": service.cache.backend, "reachable": cache_ok},
     }
     return JSONResponse(body)
@@ -40,5 +40,5 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/checkpoints", summary="the checkpoints this server generates from")
 async def checkpoints(request: Request) -> dict:
     service = request.app.state.service
-    return {"checkpoints": [{"id": cid, "default": cid == service.default, **gen.checkpoint.describe()}
-                            for cid, gen in service.generators.items()]}
+    return {"checkpoints": [{"id": cid, "default": cid == service.default, **ckpt.describe()}
+                            for cid, ckpt in service.checkpoints.items()]}
