@@ -141,8 +141,6 @@ class AdapterService:
         return Result(adapter_id, data, hit=False)
 
     async def _generate(self, job: Job) -> bytes:
-        if self.backend.stores_results:  # remote workers: duplicates are harmless, the worker caches
-            return await self.backend.submit(job)
         try:
             async with self.cache.lock(job.adapter_id, self.settings.lock_ttl_s) as owner:
                 if owner:  # another replica may have finished between our miss and our lock
@@ -157,7 +155,8 @@ class AdapterService:
             return await self._run(job)
 
     async def _run(self, job: Job) -> bytes:
-        data = await self.backend.submit(job)  # batched with others on a worker thread
-        self.metrics.generated.inc()
-        await self._store(job.adapter_id, data)
+        data = await self.backend.submit(job)  # batched with others, on a worker thread or a remote worker
+        if not self.backend.stores_results:  # remote workers cache (and count) what they generate
+            self.metrics.generated.inc()
+            await self._store(job.adapter_id, data)
         return data

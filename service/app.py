@@ -3,6 +3,7 @@ opens the cache; serving objects live on `app.state`."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -40,16 +41,21 @@ def devices_for(setting: str) -> list[str]:
     return devices or ["cpu"]
 
 
-def load_generators(settings: Settings) -> list[dict]:
-    """Every checkpoint the settings name, loaded once per device: [{id: LoraGenerator}] (one dict per
-    worker). Raises LoragenError (one line for the operator) for a missing or invalid checkpoint."""
+def load_checkpoints(settings: Settings) -> dict:
+    """{id: Checkpoint} for every checkpoint the settings name; LoragenError (one line) for a bad one."""
+    from generator.checkpoint import load_checkpoint
+
+    return {cid: load_checkpoint(src) for cid, src in settings.checkpoints.items()}
+
+
+def load_generators(settings: Settings, checkpoints: dict | None = None) -> list[dict]:
+    """The checkpoints loaded once per device: [{id: LoraGenerator}], one dict per worker."""
     import torch
 
-    from generator.checkpoint import load_checkpoint
     from generator.errors import EncoderError
     from generator.pipeline import LoraGenerator
 
-    checkpoints = {cid: load_checkpoint(src) for cid, src in settings.checkpoints.items()}
+    checkpoints = checkpoints if checkpoints is not None else load_checkpoints(settings)
     per_device = []
     for device in devices_for(settings.device):
         generators = {}
@@ -61,15 +67,16 @@ def load_generators(settings: Settings) -> list[dict]:
             except EncoderError as e:  # e.g. an encoder that needs remote code: embeddings still work
                 log.warning("checkpoint %s: task encoder unavailable, only embeddings accepted: %s", cid, e)
             generators[cid] = gen
-            log.info("serving checkpoint %s on %s from %s (variant %s, base %s, sha256 %s)", cid, device,
+            log.info("loaded checkpoint %s on %s from %s (variant %s, base %s, sha256 %s)", cid, device,
                      settings.checkpoints[cid], gen.config.variant, gen.config.base_model, ckpt.sha256[:12])
         per_device.append(generators)
     return per_device
 
 
-def create_app(settings: Settings | None = None, generators: list[dict] | None = None) -> FastAPI:
-    """The app for `settings`. `generators` (from `load_generators`) lets a caller load checkpoints before
-    the server starts, so that a bad one fails fast; otherwise the lifespan loads them."""
+def create_app(settings: Settings | None = None, loaded: dict | list | None = None) -> FastAPI:
+    """The app for `settings`. `loaded` (checkpoints for an API node of the distributed mode, generators
+    per device otherwise) lets a caller load before the server starts, so that a bad checkpoint fails
+    fast; without it the lifespan loads."""
     settings = settings or Settings()
     metrics = Metrics()
 
@@ -77,21 +84,31 @@ def create_app(settings: Settings | None = None, generators: list[dict] | None =
     async def lifespan(app: FastAPI):
         from service.adapters import AdapterService
         from service.cache import make_cache
-        from service.pool import WorkerPool
 
-        loaded = generators if generators is not None else load_generators(settings)
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         cache = make_cache(redis_url, max_bytes=settings.memory_cache_bytes, prefix=settings.cache_prefix,
                            ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
-        pool = WorkerPool(loaded, metrics, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms,
-                          max_queue=settings.max_pending)
-        pool.start()
-        checkpoints = {cid: gen.checkpoint for cid, gen in loaded[0].items()}
-        app.state.service = AdapterService(settings, checkpoints, cache, metrics, pool)
+        if settings.queue == "redis":  # API node: jobs go to `loragen worker` processes through Redis
+            from service.queue import StreamQueue
+
+            checkpoints = loaded if loaded is not None else load_checkpoints(settings)
+            backend = StreamQueue(redis_url, settings.cache_prefix, cache, max_pending=settings.max_pending,
+                                  socket_timeout_s=settings.redis_timeout_s)
+        else:
+            from service.pool import WorkerPool
+
+            generators = loaded if loaded is not None else load_generators(settings)
+            checkpoints = {cid: gen.checkpoint for cid, gen in generators[0].items()}
+            backend = WorkerPool(generators, metrics, max_batch_size=settings.max_batch_size,
+                                 max_wait_ms=settings.max_wait_ms, max_queue=settings.max_pending)
+        backend.start()
+        app.state.service = AdapterService(settings, checkpoints, cache, metrics, backend)
         try:
             yield
         finally:
-            pool.close()
+            close = backend.close()
+            if asyncio.iscoroutine(close):
+                await close
             await cache.close()
 
     app = FastAPI(title="loragen", version=_version(), lifespan=lifespan,

@@ -1,4 +1,4 @@
-"""`loragen` command line: serve | generate | inspect | convert.
+"""`loragen` command line: serve | worker | generate | inspect | convert.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
 a command runs, so `loragen --help` is instant.
@@ -33,18 +33,27 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--module-order", type=_names, help="T2L import only: the training-time module "
                         "index order, comma separated, when it differs from adapter_config.json")
 
-    s = sub.add_parser("serve", help="run the HTTP service (flags override LORAGEN_* environment variables)")
-    s.add_argument("--checkpoint", action="append", metavar="[ID=]SRC", dest="checkpoints",
-                   help="a checkpoint to serve: directory or hf:// source, optionally named ID=; repeatable")
-    s.add_argument("--default-checkpoint", metavar="ID")
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--redis-url", help="use Redis for the cache (default: in-process LRU)")
-    s.add_argument("--device", help="auto, cpu or cuda:N")
-    s.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
-    s.add_argument("--trust-remote-code", action="store_true", default=None,
-                   help="allow encoders that ship code (needed by released T2L checkpoints)")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    def node_args(sp: argparse.ArgumentParser, api: bool) -> None:
+        """Flags of serve and worker; each overrides its LORAGEN_* environment variable."""
+        sp.add_argument("--checkpoint", action="append", metavar="[ID=]SRC", dest="checkpoints",
+                        help="a checkpoint: directory or hf:// source, optionally named ID=; repeatable")
+        sp.add_argument("--host")
+        sp.add_argument("--port", type=int)
+        sp.add_argument("--redis-url", help="Redis for the cache (and the job stream); default: in-process LRU")
+        sp.add_argument("--device", help="auto, cpu, cuda:N or a comma-separated list (a worker each)")
+        sp.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
+        sp.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="allow encoders that ship code (needed by released T2L checkpoints)")
+        sp.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+        if api:
+            sp.add_argument("--default-checkpoint", metavar="ID")
+            sp.add_argument("--queue", choices=["local", "redis"],
+                            help="local: generate in this process (default); redis: API node for `loragen worker`s")
+
+    node_args(sub.add_parser("serve", help="run the HTTP service (flags override LORAGEN_* environment variables)"),
+              api=True)
+    node_args(sub.add_parser("worker", help="a generation node for `loragen serve --queue redis` (health on :8001)"),
+              api=False)
 
     g = sub.add_parser("generate", help="generate a PEFT adapter directory from a task, document or embedding")
     g.add_argument("--checkpoint", required=True, metavar="SRC", help="directory or hf://owner/repo[/sub][@rev]")
@@ -96,17 +105,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+def _settings(args: argparse.Namespace, **defaults):
+    """Settings from env, overridden by the flags the user gave: CLI > env > default."""
+    import os
 
-    import uvicorn
     from pydantic import ValidationError
 
-    from service.app import create_app, load_generators
     from service.settings import Settings, parse_checkpoint_arg
 
-    overrides = {k: v for k, v in vars(args).items()
-                 if k not in ("command", "checkpoints") and v is not None}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoints") and v is not None}
+    for key, value in defaults.items():  # a command's own default, below env and flags
+        if f"LORAGEN_{key.upper()}" not in os.environ:
+            overrides.setdefault(key, value)
     if args.checkpoints:
         overrides["checkpoints"] = dict(parse_checkpoint_arg(c) for c in args.checkpoints)
     try:
@@ -119,10 +129,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
                      "or LORAGEN_CHECKPOINTS='id=source'")
     if settings.default_checkpoint and settings.default_checkpoint not in settings.checkpoints:
         raise _usage(f"--default-checkpoint {settings.default_checkpoint} is not among {list(settings.checkpoints)}")
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    generators = load_generators(settings)  # before the server starts: a bad checkpoint is one line, exit 2
-    uvicorn.run(create_app(settings, generators), host=settings.host, port=settings.port, log_level=settings.log_level,
+    return settings
+
+
+def _logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app, load_checkpoints, load_generators
+
+    settings = _settings(args)
+    if settings.queue == "redis" and not settings.redis_url:
+        raise _usage("--queue redis needs --redis-url (or LORAGEN_REDIS_URL): the job stream lives in Redis")
+    _logging(settings.log_level)
+    # load before the server starts: a bad checkpoint is one line and exit 2, not a traceback
+    loaded = load_checkpoints(settings) if settings.queue == "redis" else load_generators(settings)
+    uvicorn.run(create_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.shutdown_grace_s)
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from service.app import load_generators
+    from service.metrics import Metrics
+    from service.queue import run_worker
+
+    settings = _settings(args, port=8001)
+    if not settings.redis_url:
+        raise _usage("a worker needs --redis-url (or LORAGEN_REDIS_URL): it takes its jobs from Redis")
+    _logging(settings.log_level)
+    asyncio.run(run_worker(settings, load_generators(settings), Metrics()))
     return 0
 
 
@@ -211,7 +254,7 @@ def _read_embedding(path: str):
     return next(iter(tensors.values()))
 
 
-COMMANDS = {"serve": cmd_serve, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert}
+COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -28,6 +28,8 @@ class Metrics:
         self.queue_depth = Gauge("loragen_queue_depth", "generation jobs waiting for a worker", registry=r)
         self.worker_restarts = Counter("loragen_worker_restarts", "in-process workers restarted after dying",
                                        registry=r)
+        self.claimed = Counter("loragen_jobs_claimed", "stream jobs taken over from a worker that went silent",
+                               registry=r)
         self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
 
     def render(self) -> bytes:

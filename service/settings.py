@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     device: str = "auto"  # "auto": every visible CUDA device (a worker each), else the CPU; or "cuda:0,cuda:1"
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # float32 is the exact default
 
+    queue: Literal["local", "redis"] = "local"  # redis: API node only; `loragen worker` processes generate
+    claim_idle_ms: int = Field(30_000, ge=100)  # a worker takes over jobs another left idle this long (it died)
+
     redis_url: SecretStr | None = None  # None: the embedded in-process LRU cache
     cache_prefix: str = "loragen:"
     cache_ttl_s: int = Field(7 * 86400, ge=1)

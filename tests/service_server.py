@@ -20,10 +20,13 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, checkpoints: dict[str, Path], log_path: Path, env: dict[str, str] | None = None, *args: str):
+    """`loragen serve` (or `loragen worker` with command="worker"), ready when /ready answers 200."""
+
+    def __init__(self, checkpoints: dict[str, Path], log_path: Path, env: dict[str, str] | None = None, *args: str,
+                 command: str = "serve"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [str(Path(sys.executable).with_name("loragen")), "serve", "--port", str(self.port), *args]
+        cmd = [str(Path(sys.executable).with_name("loragen")), command, "--port", str(self.port), *args]
         for cid, path in checkpoints.items():
             cmd += ["--checkpoint", f"{cid}={path}"]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGEN_")}

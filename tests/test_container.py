@@ -24,9 +24,16 @@ def test_compose_file_names_what_the_service_needs():
     assert "LORAGEN_CHECKPOINTS" in env
     assert any(v.endswith(":/checkpoints:ro") for v in app["volumes"])
     assert app["depends_on"]["redis"]["condition"] == "service_healthy"
-    for key in env:  # every LORAGEN_ variable names a real setting
-        if key.startswith("LORAGEN_"):
-            assert key.removeprefix("LORAGEN_").lower() in Settings.model_fields, key
+    assert env["LORAGEN_QUEUE"] == "redis"  # the API node hands generation to the workers
+    worker = services["worker"]
+    assert worker["entrypoint"] == ["loragen", "worker"] and "deploy" not in worker  # scales with --scale
+    assert worker["environment"]["LORAGEN_REDIS_URL"] == env["LORAGEN_REDIS_URL"]
+    assert worker["environment"]["LORAGEN_CHECKPOINTS"] == env["LORAGEN_CHECKPOINTS"]
+    assert "container_name" not in worker and "ports" not in worker  # several replicas must not collide
+    for service in (app, worker):
+        for key in service["environment"]:  # every LORAGEN_ variable names a real setting
+            if key.startswith("LORAGEN_"):
+                assert key.removeprefix("LORAGEN_").lower() in Settings.model_fields, key
 
 
 def test_dockerfiles_run_as_non_root_with_healthcheck():
