@@ -54,6 +54,7 @@ class AdapterService:
         self.backend = backend
         self.cache_ok = True  # False while the cache backend is unreachable: we generate uncached
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
+        self._waiters: dict[str, int] = {}  # per in-flight id: requests still waiting for it
         metrics.pending.set_function(lambda: len(self._inflight))
 
     # ---- identity ----
@@ -132,12 +133,22 @@ class AdapterService:
             task = asyncio.create_task(self._generate(job))
             self._inflight[adapter_id] = task
             task.add_done_callback(lambda _t: self._inflight.pop(adapter_id, None))
+        self._waiters[adapter_id] = self._waiters.get(adapter_id, 0) + 1
         try:
-            # shield: a waiter that times out or disconnects leaves the generation running for the others
+            # shield: a waiter that times out leaves the generation running, to be cached for a retry
             data = await asyncio.wait_for(asyncio.shield(task), self.settings.request_timeout_s)
         except TimeoutError:
             raise Timeout(f"generation took longer than {self.settings.request_timeout_s:g} s; "
                           "the adapter will be cached when it completes, retry later") from None
+        except asyncio.CancelledError:
+            # the client hung up: if nobody else waits for this id, its queued job is dropped unrun
+            if self._waiters[adapter_id] == 1:
+                task.cancel()
+            raise
+        finally:
+            self._waiters[adapter_id] -= 1
+            if not self._waiters[adapter_id]:
+                del self._waiters[adapter_id]
         return Result(adapter_id, data, hit=False)
 
     async def _generate(self, job: Job) -> bytes:

@@ -30,6 +30,8 @@ class Metrics:
                                        registry=r)
         self.claimed = Counter("loragen_jobs_claimed", "stream jobs taken over from a worker that went silent",
                                registry=r)
+        self.disconnects = Counter("loragen_client_disconnects", "clients that hung up before their adapter was ready",
+                                   registry=r)
         self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
 
     def render(self) -> bytes:

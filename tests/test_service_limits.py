@@ -108,3 +108,31 @@ def test_sigterm_drains_in_flight_requests(ckpt_dir, tmp_path):  # noqa: F811
     with pytest.raises(httpx.ConnectError):  # no longer accepting
         httpx.get(proc.url + "/health", timeout=2)
     proc.stop()
+
+
+def test_a_client_that_disconnects_costs_no_generation(ckpt_dir, tmp_path):  # noqa: F811
+    """While the worker is busy, a queued request whose client hangs up is dropped, not generated."""
+    import json as jsonlib
+    import socket
+
+    env = {"LORAGEN_MAX_BATCH_SIZE": "1"}
+    proc = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "serve.log", env)
+    try:
+        c = httpx.Client(base_url=proc.url, timeout=60)
+        before = metric(c, "loragen_adapters_generated_total")
+        busy = threading.Thread(target=lambda: c.post("/generate", json={"document": LONG_DOC + " (busy)"}))
+        busy.start()
+        time.sleep(0.3)  # the only worker is on the long document now
+        body = jsonlib.dumps({"task": "abandoned by its client"}).encode()
+        with socket.create_connection(("127.0.0.1", proc.port)) as s:  # send, then hang up at once
+            s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            time.sleep(0.2)
+        busy.join(timeout=60)
+        time.sleep(1.0)  # time for the worker to take (and drop) the abandoned job
+        assert metric(c, "loragen_adapters_generated_total") - before == 1
+        assert metric(c, "loragen_client_disconnects_total") == 1
+        after = c.post("/generate", json={"task": "abandoned by its client"})
+        assert after.status_code == 200 and after.headers["x-cache"] == "miss"  # it was never generated
+    finally:
+        proc.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 
@@ -119,8 +120,34 @@ def adapter_response(result: Result, fmt: str, *, head: bool = False) -> Respons
 async def _generate(request: Request) -> Response:
     req = await _read_request(request)
     service = _service(request)
-    result = await service.get_or_generate(req.checkpoint, to_task_input(req, service.settings.max_text_chars), req.dtype)
+    item = to_task_input(req, service.settings.max_text_chars)
+    result = await until_disconnect(request, service.get_or_generate(req.checkpoint, item, req.dtype))
+    if result is None:  # nobody is listening: no response to write
+        service.metrics.disconnects.inc()
+        return Response(status_code=499)
     return adapter_response(result, req.format)
+
+
+async def until_disconnect(request: Request, work):
+    """Await `work`, or cancel it and return None if the client disconnects first (its queued job is then
+    dropped instead of costing a generation)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return None
 
 
 router.add_api_route("/generate", _generate, methods=["POST"], summary="generate an adapter (alias of POST /v1/adapters)",
