@@ -61,8 +61,10 @@ class Worker:
             self.current = batch
             try:
                 self._run(batch)
-            finally:
-                self.current = []
+            except BaseException:  # a bug: the thread ends; the supervisor fails `current` and replaces it
+                log.exception("worker %d (%s) crashed with %d jobs in hand", self.index, self.device, len(batch))
+                return
+            self.current = []
 
     def _run(self, batch: list[_Entry]) -> None:
         groups: dict[tuple[str, str], list[_Entry]] = defaultdict(list)

@@ -130,3 +130,19 @@ def test_a_job_whose_waiter_left_is_not_generated(generators):
 
     _, metrics = asyncio.run(with_pool(generators, run, max_batch_size=1))
     assert batches(metrics) == (1, 1)
+
+
+def test_a_dead_worker_is_replaced_and_its_jobs_fail_fast(generators):
+    """A job that crashes its worker thread (here: one naming a checkpoint the worker lacks, which the
+    service never sends) fails with a retryable 503, and a new worker serves the next job."""
+    from service.errors import Unavailable
+
+    async def run(pool):
+        with pytest.raises(Unavailable) as exc:
+            await asyncio.wait_for(pool.submit(job("missing", emb(8), "float32")), timeout=10)
+        assert exc.value.headers["Retry-After"] == "1"
+        return await asyncio.wait_for(pool.submit(job("text", emb(9), "float32")), timeout=30)
+
+    result, metrics = asyncio.run(with_pool(generators, run))
+    assert isinstance(result, bytes)
+    assert metrics.worker_restarts._value.get() == 1
