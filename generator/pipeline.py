@@ -4,7 +4,8 @@
     embeddings (already preprocessed)┴► HyperLoRA ─► {module: A (B, N, r, d_in), B (B, N, d_out, r)}
                                                    ─► one LoraAdapter per input
 
-One call is one batch: the encoder and the hypernetwork each run once for all inputs.
+In bfloat16 compute one call is one batch: the encoder and the hypernetwork each run once for all inputs.
+In float32 (the exact default) each input runs on its own, so its bytes never depend on its batch.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ class LoraGenerator:
         self.trust_remote_code = trust_remote_code
         self.net = checkpoint.build(self.device, compute_dtype)
         self._encoder: TaskEncoder | None = None
+        # float32 is the exact mode: an adapter's bytes must not depend on what it was batched with, and
+        # CPU/GPU matrix kernels choose their blocking (so their rounding) by the number of rows. So in
+        # float32 every input runs as a batch of one; bfloat16 batches the math for speed.
+        self.batch_invariant = compute_dtype == torch.float32
 
     @classmethod
     def load(cls, source: str | Path, *, module_order: Sequence[str] | None = None, base_model: str | None = None,
@@ -122,6 +127,8 @@ class LoraGenerator:
         if not inputs:
             return []
         parse_dtype(dtype)
+        if self.batch_invariant and len(inputs) > 1:
+            return [adapter for x in inputs for adapter in self.generate([x], dtype)]
         emb = self.embed(inputs).to(self.device, self.compute_dtype)  # (B, E)
         ab = self.net(emb)  # {module: (A (B, N, r, d_in), B (B, N, d_out, r))}
         # a sum is non-finite if any element is (NaN and inf propagate): one pass, no boolean copy;

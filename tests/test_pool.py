@@ -65,12 +65,24 @@ def test_concurrent_jobs_are_batched_and_match_direct_generation(generators):
     results, metrics = asyncio.run(with_pool(generators, run))
     passes, total = batches(metrics)
     assert total == len(items) and passes < len(items)  # batched: fewer forward passes than jobs
+    for x, raw in zip(items, results, strict=True):  # float32 is exact: the same bytes as a direct call
+        assert raw == generators["text"].generate([x])[0].safetensors_bytes()
+
+
+def test_bfloat16_compute_batches_the_math():
+    """bfloat16 trades batch invariance for speed: one forward pass per batch, results close to direct."""
+    gen = LoraGenerator(tiny_checkpoint("L", seed=5, e=384), compute_dtype=torch.bfloat16)
+    assert not gen.batch_invariant
+    items = [emb(i) for i in range(8)]
+
+    async def run(pool):
+        return await asyncio.gather(*(pool.submit(job("bf", x, "float32")) for x in items))
+
+    results, metrics = asyncio.run(with_pool({"bf": gen}, run))
+    assert batches(metrics)[0] < len(items)
     for x, raw in zip(items, results, strict=True):
-        direct = generators["text"].generate([x])[0].tensors
-        got = load(raw)
-        assert sorted(got) == sorted(direct)
-        # batched kernels may differ from a batch of one in the last bits (see README, Determinism)
-        assert all(torch.allclose(got[k], direct[k], atol=1e-6, rtol=1e-5) for k in got)
+        direct, got = gen.generate([x])[0].tensors, load(raw)
+        assert all(torch.allclose(got[k], direct[k], atol=2e-2, rtol=2e-2) for k in got)
 
 
 def test_groups_by_checkpoint_and_dtype(generators):

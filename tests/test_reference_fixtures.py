@@ -69,10 +69,9 @@ def test_batch_equals_single(fixtures_dir):
     embs = load_file(str(d / "task_embs.safetensors"))["task_embs"]
     gen = LoraGenerator.load(d)
     batched = gen.generate([TaskInput.from_embedding(e) for e in embs])
-    for i, e in enumerate(embs):
+    for i, e in enumerate(embs):  # float32 is exact: batching never changes an adapter's bytes
         (single,) = gen.generate([TaskInput.from_embedding(e)])
-        for k, t in single.tensors.items():
-            assert torch.allclose(t, batched[i].tensors[k], atol=1e-6, rtol=0), k
+        assert single.safetensors_bytes() == batched[i].safetensors_bytes()
 
 
 def test_module_order_override_changes_output(fixtures_dir):
