@@ -23,7 +23,9 @@ class Metrics:
         self.cache_bytes = Gauge("loragen_cache_bytes", "bytes held by the in-process cache", registry=r)
         self.batch_size = Histogram("loragen_batch_size", "inputs per POST /v1/adapters/batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
-        self.batch_generated = Histogram("loragen_generation_batch_size", "adapters generated per forward pass",
+        self.batch_generated = Histogram("loragen_generation_batch_size",
+                                         "jobs a worker generated together (one forward pass in bfloat16 compute; "
+                                         "in float32, the exact mode, one per job)",
                                          ["device"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.queue_depth = Gauge("loragen_queue_depth", "generation jobs waiting for a worker", registry=r)
         self.worker_restarts = Counter("loragen_worker_restarts", "in-process workers restarted after dying",

@@ -51,11 +51,15 @@ class Worker:
         self.pool, self.index, self.generators = pool, index, generators
         self.device = str(next(iter(generators.values())).device) if generators else "cpu"
         self.current: list[_Entry] = []
+        # float32 generators run each input alone anyway (exact mode): waiting for a batch to fill would
+        # only add latency; they take what is already queued
+        exact = all(g.batch_invariant for g in generators.values())
+        self.wait_s = 0.0 if exact else pool.max_wait_s
         self.thread = threading.Thread(target=self._loop, name=f"loragen-worker-{index}", daemon=True)
 
     def _loop(self) -> None:
         while not self.pool.stopping.is_set():
-            batch = self.pool.take_batch()
+            batch = self.pool.take_batch(self.wait_s)
             if not batch:
                 continue
             self.current = batch
@@ -144,15 +148,15 @@ class WorkerPool:
                     self.restarts += 1
                     self.metrics.worker_restarts.inc()
 
-    def take_batch(self) -> list[_Entry]:
+    def take_batch(self, wait_s: float) -> list[_Entry]:
         """Called on a worker thread: block briefly for a first job, then gather more until the batch is
-        full or max_wait has passed since the first. Jobs whose waiters left are dropped here."""
+        full or `wait_s` has passed since the first. Jobs whose waiters left are dropped here."""
         try:
             first = self.queue.get(timeout=0.1)
         except queue.Empty:
             return []
         batch = [first]
-        deadline = time.monotonic() + self.max_wait_s
+        deadline = time.monotonic() + wait_s
         while len(batch) < self.max_batch_size:
             remaining = deadline - time.monotonic()
             try:
