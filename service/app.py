@@ -88,10 +88,18 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         cache = make_cache(redis_url, max_bytes=settings.memory_cache_bytes, prefix=settings.cache_prefix,
                            ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
+        consumers: list[asyncio.Task] = []
+        stop = asyncio.Event()
         if settings.queue == "redis":  # API node: jobs go to `loragen worker` processes through Redis
-            from service.queue import StreamQueue
+            from service.queue import StreamQueue, make_workers
 
-            checkpoints = loaded if loaded is not None else load_checkpoints(settings)
+            if settings.embedded_worker:  # and this node is one of those workers
+                generators = loaded if loaded is not None else load_generators(settings)
+                checkpoints = {cid: gen.checkpoint for cid, gen in generators[0].items()}
+                consumers = [asyncio.create_task(w.run(stop))
+                             for w in make_workers(settings, generators, cache, metrics)]
+            else:
+                checkpoints = loaded if loaded is not None else load_checkpoints(settings)
             backend = StreamQueue(redis_url, settings.cache_prefix, cache, max_pending=settings.max_pending,
                                   socket_timeout_s=settings.redis_timeout_s)
         else:
@@ -106,6 +114,8 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         try:
             yield
         finally:
+            stop.set()  # embedded stream workers finish the batch in hand
+            await asyncio.gather(*consumers)
             close = backend.close()
             if asyncio.iscoroutine(close):
                 await close

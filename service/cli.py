@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
             sp.add_argument("--default-checkpoint", metavar="ID")
             sp.add_argument("--queue", choices=["local", "redis"],
                             help="local: generate in this process (default); redis: API node for `loragen worker`s")
+            sp.add_argument("--embedded-worker", action="store_true", default=None,
+                            help="with --queue redis: this node also generates, and `loragen worker`s join it")
 
     node_args(sub.add_parser("serve", help="run the HTTP service (flags override LORAGEN_* environment variables)"),
               api=True)
@@ -148,7 +150,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _usage("--queue redis needs --redis-url (or LORAGEN_REDIS_URL): the job stream lives in Redis")
     _logging(settings.log_level)
     # load before the server starts: a bad checkpoint is one line and exit 2, not a traceback
-    loaded = load_checkpoints(settings) if settings.queue == "redis" else load_generators(settings)
+    api_only = settings.queue == "redis" and not settings.embedded_worker
+    loaded = load_checkpoints(settings) if api_only else load_generators(settings)
     uvicorn.run(create_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0

@@ -218,11 +218,27 @@ class StreamWorker:
                 finished.append((eid, job.adapter_id))
             else:
                 groups[(job.checkpoint_sha256, job.dtype)].append((eid, job))
-        for (sha, dtype), items in groups.items():
-            finished += await self._generate(sha, dtype, items)
+        keepalive = asyncio.create_task(self._keep_claimed([eid for items in groups.values() for eid, _ in items]))
+        try:
+            for (sha, dtype), items in groups.items():
+                finished += await self._generate(sha, dtype, items)
+        finally:
+            keepalive.cancel()
         await self._ack([eid for eid, _ in finished])
         for _, adapter_id in finished:
             await self.redis.publish(self.keys.done, adapter_id)
+
+    async def _keep_claimed(self, ids: list[bytes]) -> None:
+        """While a long batch runs, re-claim its entries (JUSTID: no delivery count) so that their idle time
+        stays below claim_idle_ms and no live worker's jobs are taken over as if it had died."""
+        if not ids:
+            return
+        while True:
+            await asyncio.sleep(self.claim_idle_ms / 3000)
+            try:
+                await self.redis.xclaim(self.keys.stream, GROUP, self.name, 0, ids, justid=True)
+            except (RedisError, OSError) as e:
+                log.warning("worker %s: could not refresh its claim on %d jobs: %s", self.name, len(ids), e)
 
     async def _generate(self, sha: str, dtype: str, items: list[tuple[bytes, Job]]) -> list[tuple[bytes, str]]:
         gen = self.generators.get(sha)
@@ -267,6 +283,19 @@ class StreamWorker:
             await self.redis.xdel(self.keys.stream, *ids)  # the stream length is the queue depth
 
 
+def make_workers(settings, generators_per_device: list[dict[str, LoraGenerator]], cache: AdapterCache,
+                 metrics: Metrics) -> list[StreamWorker]:
+    """A stream consumer per device, each finding its generators by checkpoint content hash."""
+    url = settings.redis_url.get_secret_value()
+    base = f"{socket.gethostname()}-{os.getpid()}"
+    return [
+        StreamWorker(url, settings.cache_prefix, cache, {g.checkpoint.sha256: g for g in gens.values()}, metrics,
+                     max_batch_size=settings.max_batch_size, claim_idle_ms=settings.claim_idle_ms,
+                     socket_timeout_s=settings.redis_timeout_s, name=f"{base}-{i}")
+        for i, gens in enumerate(generators_per_device)
+    ]
+
+
 async def run_worker(settings, generators_per_device: list[dict[str, LoraGenerator]], metrics: Metrics) -> None:
     """`loragen worker`: a stream consumer per device plus a small HTTP server for /health, /ready and
     /metrics. SIGTERM: stop reading, finish and acknowledge the batch in hand, exit."""
@@ -276,16 +305,9 @@ async def run_worker(settings, generators_per_device: list[dict[str, LoraGenerat
 
     from service.cache import RedisCache
 
-    url = settings.redis_url.get_secret_value()
-    cache = RedisCache(url, prefix=settings.cache_prefix, ttl_s=settings.cache_ttl_s,
-                       socket_timeout_s=settings.redis_timeout_s)
-    base = f"{socket.gethostname()}-{os.getpid()}"
-    workers = [
-        StreamWorker(url, settings.cache_prefix, cache, {g.checkpoint.sha256: g for g in gens.values()}, metrics,
-                     max_batch_size=settings.max_batch_size, claim_idle_ms=settings.claim_idle_ms,
-                     socket_timeout_s=settings.redis_timeout_s, name=f"{base}-{i}")
-        for i, gens in enumerate(generators_per_device)
-    ]
+    cache = RedisCache(settings.redis_url.get_secret_value(), prefix=settings.cache_prefix,
+                       ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
+    workers = make_workers(settings, generators_per_device, cache, metrics)
     app = FastAPI(title="loragen worker")
 
     @app.get("/health")

@@ -30,6 +30,7 @@ class Settings(BaseSettings):
     compute_dtype: Literal["float32", "bfloat16"] = "float32"  # float32 is the exact default
 
     queue: Literal["local", "redis"] = "local"  # redis: API node only; `loragen worker` processes generate
+    embedded_worker: bool = False  # with queue=redis: this node also generates (a single node that workers join)
     claim_idle_ms: int = Field(30_000, ge=100)  # a worker takes over jobs another left idle this long (it died)
 
     redis_url: SecretStr | None = None  # None: the embedded in-process LRU cache

@@ -123,3 +123,29 @@ def test_sigterm_drains_a_worker(cluster):
     assert workers[1].proc.wait(timeout=30) in (0, -signal.SIGTERM)
     r = httpx.post(apis[0].url + "/generate", json={"task": "after a graceful exit"}, timeout=60)
     assert r.status_code == 200  # ... and the other keeps serving
+
+
+def test_single_node_that_workers_join(ckpt_dir, redis_server, redis_prefix, tmp_path):  # noqa: F811
+    """`serve --queue redis --embedded-worker` is a complete single node; a `loragen worker` started later
+    on another host (here: another process) takes a share of the same stream."""
+    env = node_env(redis_server, redis_prefix)
+    node = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "node.log", env, "--queue", "redis", "--embedded-worker")
+    extra = None
+    try:
+        c = httpx.Client(base_url=node.url, timeout=90)
+        alone = c.post("/generate", json={"task": "served by the node alone"})
+        assert alone.status_code == 200  # no external worker yet: the node generated it itself
+        assert metric(c, "loragen_adapters_generated_total") == 1
+        extra = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "extra.log", env, command="worker")
+        doc = " ".join(f"Row {i}: add the numbers in the row." for i in range(600))
+        bodies = [{"document": f"{doc} (job {i})"} for i in range(16)]
+        with ThreadPoolExecutor(16) as pool:
+            responses = list(pool.map(lambda b: httpx.post(node.url + "/generate", json=b, timeout=90), bodies))
+        assert all(r.status_code == 200 for r in responses)
+        by_node = metric(c, "loragen_adapters_generated_total") - 1
+        by_extra = metric(httpx.Client(base_url=extra.url), "loragen_adapters_generated_total")
+        assert by_node + by_extra == len(bodies)  # every job generated exactly once, by one of the two
+    finally:
+        if extra is not None:
+            extra.stop()
+        node.stop()
