@@ -532,16 +532,20 @@ def main(argv: list[str] | None = None) -> int:
     results["idle_wait_s"] = round(waiter.waited, 1)
     results["wall_s"] = time.perf_counter() - t_start
 
-    md = markdown(results, batches, dtypes)
+    report(results, markdown(results, batches, dtypes), args.json, f"wall time {results['wall_s']:.0f} s")
+    return 0
+
+
+def report(results: dict, md: str, json_path, summary: str) -> None:
+    """Print the markdown and a one-line summary; write every number to `json_path` when given."""
     results["markdown"] = md
     print()
     print(md)
-    print(f"\nwall time {results['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    return 0
+    print(f"\n{summary}")
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import json
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,7 @@ from bench_generate import (  # noqa: E402  (benchmarks/ is not a package)
     machine_info,
     mistral_t2l_config,
     peak_rss_mib,
+    report,
 )
 from safetensors.torch import load as st_load  # noqa: E402
 
@@ -449,15 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     results["idle_wait_s"] = round(waiter.waited, 1)
     results["wall_s"] = time.perf_counter() - t_start
 
-    md = markdown(results, args)
-    results["markdown"] = md
-    print()
-    print(md)
-    print(f"\n{inputs.count} distinct inputs; idle wait {results['idle_wait_s']} s; wall time {results['wall_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    report(results, markdown(results, args), args.json,
+           f"{inputs.count} distinct inputs; idle wait {results['idle_wait_s']} s; wall time {results['wall_s']:.0f} s")
     return 0
 
 
