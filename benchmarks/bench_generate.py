@@ -474,18 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=9, help="timed repeats below --large-batch (default 9)")
     p.add_argument("--repeats-large", type=int, default=5, help="timed repeats at batch >= --large-batch (default 5)")
     p.add_argument("--large-batch", type=int, default=64, help="batch size from which --repeats-large applies")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="on a shared machine: before each measurement wait until other processes use under "
-                        "--idle-threshold cores, spending at most SECONDS in all (default 0: never wait)")
-    p.add_argument("--idle-threshold", type=float, default=0.25, metavar="CORES",
-                   help="other processes' CPU use counted as contention (default 0.25 cores)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="with --wait-idle: re-run a contended measurement up to this many times (default 1)")
     p.add_argument("--skip-matmul", action="store_true", help="do not time the bare head matmuls")
     p.add_argument("--skip-e2e", action="store_true", help="time the hypernetwork forward only")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every number to this JSON file")
+    add_common_args(p, "measurement")
     args = p.parse_args(argv)
     if min(args.batch_sizes) < 1 or args.repeats < 1 or args.repeats_large < 1 or args.warmup < 0:
         p.error("batch sizes and repeats must be positive, warm-up non-negative")
@@ -534,6 +525,20 @@ def main(argv: list[str] | None = None) -> int:
 
     report(results, markdown(results, batches, dtypes), args.json, f"wall time {results['wall_s']:.0f} s")
     return 0
+
+
+def add_common_args(p: argparse.ArgumentParser, unit: str) -> None:
+    """Flags every benchmark here takes: threads, seed, contention handling, JSON output."""
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                   help=f"on a shared machine: before each {unit} wait until other processes use under "
+                        "--idle-threshold cores, spending at most SECONDS in all (default 0: never wait)")
+    p.add_argument("--idle-threshold", type=float, default=0.25, metavar="CORES",
+                   help="other processes' CPU use counted as contention (default 0.25 cores)")
+    p.add_argument("--retries", type=int, default=1,
+                   help=f"with --wait-idle: re-run a contended {unit} up to this many times (default 1)")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every number to this JSON file")
 
 
 def report(results: dict, md: str, json_path, summary: str) -> None:

@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_generate import (  # noqa: E402  (benchmarks/ is not a package)
     DTYPES,
     IdleWaiter,
+    add_common_args,
     guarded,
     machine_info,
     mistral_t2l_config,
@@ -149,7 +150,7 @@ async def pool_run(gen: LoraGenerator, warm: list[Job], jobs: list[Job], *, max_
         wall = time.perf_counter() - t0
         h1 = hist_snapshot(metrics)
     finally:
-        pool.close()
+        await pool.close()
     return {"wall_s": wall, "latencies_s": lat, "bytes_sizes": sorted(sizes), "hist": hist_delta(h0, h1)}
 
 
@@ -231,7 +232,7 @@ def sanity(gen: LoraGenerator, inputs: Inputs, dn: str) -> dict:
         try:
             return await asyncio.gather(*(pool.submit(j) for j in jobs)), hist_snapshot(metrics)
         finally:
-            pool.close()
+            await pool.close()
 
     raws, h = asyncio.run(go())
     worst, keys_ok = 0.0, True
@@ -399,16 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="runs per row (default 3)")
     p.add_argument("--skip-direct", action="store_true", help="skip the no-pool reference rows")
     p.add_argument("--quick", action="store_true", help="smoke run: 32 jobs per run, 1 run per row")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help="on a shared machine: before each run wait until other processes use under "
-                        "--idle-threshold cores, spending at most SECONDS in all (default 0: never wait)")
-    p.add_argument("--idle-threshold", type=float, default=0.25, metavar="CORES",
-                   help="other processes' CPU use counted as contention (default 0.25 cores)")
-    p.add_argument("--retries", type=int, default=1,
-                   help="with --wait-idle: re-run a contended run up to this many times (default 1)")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every number to this JSON file")
+    add_common_args(p, "run")
     args = p.parse_args(argv)
     if args.quick:
         args.jobs_float32 = args.jobs_bfloat16 = 32

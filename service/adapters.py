@@ -40,7 +40,11 @@ class Backend(Protocol):
 
     stores_results: bool  # True: the backend writes the cache itself (remote workers)
 
+    def start(self) -> None: ...
+
     async def submit(self, job: Job) -> bytes: ...
+
+    async def close(self) -> None: ...
 
 
 class AdapterService:

@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from generator import __version__  # light: generator/__init__ imports no torch
 from service.errors import ApiError, PayloadTooLarge, envelope
 from service.metrics import Metrics
 from service.settings import Settings
@@ -116,12 +117,10 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         finally:
             stop.set()  # embedded stream workers finish the batch in hand
             await asyncio.gather(*consumers)
-            close = backend.close()
-            if asyncio.iscoroutine(close):
-                await close
+            await backend.close()
             await cache.close()
 
-    app = FastAPI(title="loragen", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="loragen", version=__version__, lifespan=lifespan,
                   description="Generated LoRA adapters on demand (Text-to-LoRA).")
     app.state.settings = settings
     app.state.metrics = metrics
@@ -251,8 +250,3 @@ class BodyLimit:
             if not refused:  # after a refusal the app's complaint about the cut body is expected
                 raise
 
-
-def _version() -> str:
-    from generator import __version__
-
-    return __version__

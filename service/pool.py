@@ -123,9 +123,7 @@ class WorkerPool:
         self.max_wait_s = max_wait_ms / 1000
         self.queue: queue.Queue[_Entry] = queue.Queue(maxsize=max_queue)
         self.stopping = threading.Event()
-        self.generators_per_device = generators_per_device
         self.workers = [Worker(self, i, g) for i, g in enumerate(generators_per_device)]
-        self.restarts = 0
         self._supervisor: asyncio.Task | None = None
         metrics.queue_depth.set_function(self.queue.qsize)
 
@@ -145,7 +143,6 @@ class WorkerPool:
                                                      headers={"Retry-After": "1"}))
                     self.workers[i] = Worker(self, i, w.generators)
                     self.workers[i].thread.start()
-                    self.restarts += 1
                     self.metrics.worker_restarts.inc()
 
     def take_batch(self, wait_s: float) -> list[_Entry]:
@@ -175,7 +172,7 @@ class WorkerPool:
         # cancelling the awaiting task cancels the future: a job not yet taken by a worker is skipped
         return await asyncio.wrap_future(entry.future)
 
-    def close(self, timeout_s: float = 5.0) -> None:
+    async def close(self, timeout_s: float = 5.0) -> None:
         self.stopping.set()
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -184,5 +181,5 @@ class WorkerPool:
                 _settle(self.queue.get_nowait(), error=Unavailable("shutting down; retry", headers={"Retry-After": "1"}))
             except queue.Empty:
                 break
-        for w in self.workers:
-            w.thread.join(timeout=timeout_s)
+        for w in self.workers:  # a worker finishes the batch in hand; joining blocks, so not on the loop
+            await asyncio.to_thread(w.thread.join, timeout_s)

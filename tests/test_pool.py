@@ -53,7 +53,7 @@ async def with_pool(generators, coro, **kw):
     try:
         return await coro(pool), metrics
     finally:
-        pool.close()
+        await pool.close()
 
 
 def test_concurrent_jobs_are_batched_and_match_direct_generation(generators):
