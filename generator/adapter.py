@@ -15,6 +15,7 @@ lora_alpha/sqrt(r) (rsLoRA) when it loads the adapter.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -74,11 +75,16 @@ def peft_config(hyper: HyperConfig) -> dict:
 
 @dataclass(frozen=True)
 class LoraAdapter:
-    """One adapter: named contiguous CPU tensors in their output dtype, its PEFT config and provenance."""
+    """One adapter: named contiguous CPU tensors in their output dtype, its PEFT config and provenance.
+
+    A generated adapter keeps all its tensors in one buffer of its own (`data`), laid out in safetensors'
+    data order, so its file is the header plus that buffer: serialising is one copy. `data` is None for an
+    adapter built from separate tensors; every method works either way."""
 
     tensors: Mapping[str, torch.Tensor]
     config: dict
     provenance: dict[str, str] = field(default_factory=dict)
+    data: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_generated(
@@ -88,16 +94,33 @@ class LoraAdapter:
         dtype: str = "float32",
         provenance: Mapping[str, str] | None = None,
     ) -> LoraAdapter:
-        """`ab`: module → (A (N, r, d_in), B (N, d_out, r)) for one task, as the hypernetwork emits them."""
+        """`ab`: module → (A (N, r, d_in), B (N, d_out, r)) for one task, as the hypernetwork emits them (views
+        into the batch's output are fine: everything is copied into the adapter's own buffer)."""
         out_dtype = parse_dtype(dtype)
-        tensors = {}
+        sources = {}
         for m in hyper.modules:
             a, b = ab[m.name]
             for layer in range(hyper.n_layers):
-                tensors[peft_key(layer, m, "A")] = _own(a[layer], out_dtype)
-                tensors[peft_key(layer, m, "B")] = _own(b[layer], out_dtype)
+                sources[peft_key(layer, m, "A")] = a[layer]
+                sources[peft_key(layer, m, "B")] = b[layer]
+        names = sorted(sources)  # one dtype, so safetensors' data order is the name order
+        device = next(iter(sources.values())).device
+        # fill on the generating device (cast and B's transpose in one pass per tensor), then one copy to
+        # the CPU; a buffer of its own, so an adapter held in a cache never pins the batch's output
+        flat = torch.empty(sum(sources[n].numel() for n in names), dtype=out_dtype, device=device)
+        for name, piece in zip(names, _pieces(flat, [sources[n].shape for n in names]), strict=True):
+            piece.copy_(sources[name].detach())
+        data = flat.cpu()
+        tensors = dict(zip(names, _pieces(data, [sources[n].shape for n in names]), strict=True))
         prov = {"dtype": dtype, "base_model": hyper.base_model, **(provenance or {})}
-        return cls(dict(sorted(tensors.items())), peft_config(hyper), {k: str(v) for k, v in prov.items()})
+        return cls(tensors, peft_config(hyper), {k: str(v) for k, v in prov.items()}, data)
+
+    def all_finite(self) -> bool:
+        """Whether every weight is finite. A float32 sum is non-finite if any element is (NaN and inf
+        propagate): one pass, no boolean copy. Finite weights whose sum overflows float32 count as
+        non-finite too: no trained adapter is that large."""
+        parts = [self.data] if self.data is not None else list(self.tensors.values())
+        return all(bool(torch.isfinite(p.sum(dtype=torch.float32))) for p in parts)
 
     # ---- safetensors ----
 
@@ -117,10 +140,14 @@ class LoraAdapter:
 
     def iter_safetensors(self, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """The safetensors file in pieces of at most `chunk_size` bytes: header first, then tensor data."""
-        return iter_safetensors(self.tensors, self.metadata(), chunk_size)
+        if self.data is None:
+            return iter_safetensors(self.tensors, self.metadata(), chunk_size)
+        return _iter_header_and_data(self.safetensors_header(), _bytes_of(self.data), chunk_size)
 
     def safetensors_bytes(self) -> bytes:
-        return b"".join(self.iter_safetensors())
+        if self.data is None:
+            return b"".join(self.iter_safetensors())
+        return b"".join((self.safetensors_header(), _bytes_of(self.data)))  # one copy of the weights
 
     # ---- PEFT directory and tar ----
 
@@ -148,10 +175,24 @@ class LoraAdapter:
         return b"".join(self.iter_tar(prefix))
 
 
-def _own(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A contiguous CPU copy in `dtype` with storage of its own: a slice of the batch's output would keep
-    the whole batch alive for as long as the adapter is held (e.g. in a cache)."""
-    return torch.empty(t.shape, dtype=dtype).copy_(t.detach())
+def _pieces(flat: torch.Tensor, shapes: list[torch.Size]) -> Iterator[torch.Tensor]:
+    """Consecutive views of a 1-D `flat`, one per shape, in order."""
+    offset = 0
+    for shape in shapes:
+        n = math.prod(shape)
+        yield flat[offset : offset + n].view(shape)
+        offset += n
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _iter_header_and_data(header: bytes, data: memoryview, chunk_size: int) -> Iterator[bytes]:
+    yield header
+    for i in range(0, len(data), chunk_size):
+        yield bytes(data[i : i + chunk_size])
 
 
 def _ordered(tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
@@ -182,7 +223,7 @@ def iter_safetensors(
     (at most one metadata key); otherwise equal up to the order of metadata keys."""
     yield safetensors_header(tensors, metadata)
     for _, t in _ordered(tensors):
-        data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = _bytes_of(t)
         for i in range(0, len(data), chunk_size):
             yield bytes(data[i : i + chunk_size])
 

@@ -141,10 +141,17 @@ def test_adapters_own_their_memory(gen):
     """An adapter kept in a cache must not pin the whole batch's output (views into one big tensor)."""
     g = torch.Generator().manual_seed(3)
     adapters = gen.generate([TaskInput.from_embedding(torch.randn(16, generator=g)) for _ in range(4)])
+    storages = set()
     for a in adapters:
+        own = sum(t.numel() * t.element_size() for t in a.tensors.values())  # this adapter's bytes, no more
         for name, t in a.tensors.items():
             assert t.is_contiguous()
-            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), name
+            assert t.untyped_storage().nbytes() == own, name
+        storages.add(next(iter(a.tensors.values())).untyped_storage().data_ptr())
+        # the one-buffer fast path writes what the general, per-tensor writer writes
+        general = b"".join(iter_safetensors(dict(a.tensors), a.metadata()))
+        assert a.safetensors_bytes() == b"".join(a.iter_safetensors(chunk_size=1000)) == general
+    assert len(storages) == len(adapters)  # one buffer per adapter, none shared
 
 
 def test_non_finite_generation_is_refused():
