@@ -164,14 +164,16 @@ def load_checkpoint(
     module_order: Sequence[str] | None = None,
     base_model: str | None = None,
     cache_dir: str | Path | None = None,
+    hf_allow: Sequence[str] | None = None,
 ) -> Checkpoint:
     """Load a native or released-T2L checkpoint from a local directory or an `hf://` source.
 
     `module_order` (T2L only) overrides the module index order read from adapter_config.json, for a
     checkpoint whose training order is known to differ. `base_model` overrides the base model id.
+    `hf_allow` (non-empty) limits `hf://` sources to those owners ('owner') or repos ('owner/repo').
     """
     src = str(source)
-    path = resolve_source(src, cache_dir=cache_dir)
+    path = resolve_source(src, cache_dir=cache_dir, hf_allow=hf_allow)
     if (path / NATIVE_CONFIG).is_file() and (path / NATIVE_WEIGHTS).is_file():
         if module_order is not None:
             raise CheckpointError("--module-order applies to released T2L checkpoints; a native checkpoint stores its order")
@@ -189,10 +191,12 @@ def load_checkpoint(
     return ckpt
 
 
-def resolve_source(source: str, *, cache_dir: str | Path | None = None) -> Path:
-    """A local directory as is; `hf://owner/repo[/subfolder][@revision]` downloaded (or found in the HF cache)."""
+def resolve_source(source: str, *, cache_dir: str | Path | None = None, hf_allow: Sequence[str] | None = None) -> Path:
+    """A local directory as is; `hf://owner/repo[/subfolder][@revision]` downloaded (or found in the HF cache),
+    if `hf_allow` is empty or lets its repo through (checked before anything is fetched)."""
     if source.startswith(HF_SCHEME):
         repo, sub, rev = parse_hf_uri(source)
+        check_hf_allowed(repo, hf_allow)
         from huggingface_hub import snapshot_download
 
         try:
@@ -206,6 +210,17 @@ def resolve_source(source: str, *, cache_dir: str | Path | None = None) -> Path:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {source} not found: expected a directory or hf://owner/repo[/subfolder][@revision]")
     return path
+
+
+def check_hf_allowed(repo: str, hf_allow: Sequence[str] | None) -> None:
+    """CheckpointError unless `hf_allow` is empty or holds `repo`'s owner or `repo` itself (case-insensitive,
+    as the hub treats repo ids)."""
+    if not hf_allow:
+        return
+    owner = repo.split("/", 1)[0].lower()
+    if not any(p.lower() in (owner, repo.lower()) for p in hf_allow):
+        raise CheckpointError(f"hf://{repo} is not allowed here: hf:// sources are limited to {', '.join(hf_allow)} "
+                              "(LORAGEN_HF_ALLOW); add its owner or owner/repo there, or serve a local directory")
 
 
 def parse_hf_uri(uri: str) -> tuple[str, str, str | None]:

@@ -4,9 +4,11 @@ opens the cache; serving objects live on `app.state`."""
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import hmac
 import logging
+import math
 import re
 import time
 import uuid
@@ -18,12 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator import __version__  # light: generator/__init__ imports no torch
-from service.errors import ApiError, PayloadTooLarge, envelope
+from service.errors import ApiError, PayloadTooLarge, RateLimited, envelope
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("loragen")
-_REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$")
+_REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$", re.ASCII)
+# The id of the request being served, for log lines: set by RequestId in the request's own task, so every
+# line logged while serving it (app, uvicorn access and error lines) carries it; "-" outside a request.
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("loragen_request_id", default="-")
 
 
 def devices_for(setting: str) -> list[str]:
@@ -46,7 +51,7 @@ def load_checkpoints(settings: Settings) -> dict:
     """{id: Checkpoint} for every checkpoint the settings name; LoragenError (one line) for a bad one."""
     from generator.checkpoint import load_checkpoint
 
-    return {cid: load_checkpoint(src) for cid, src in settings.checkpoints.items()}
+    return {cid: load_checkpoint(src, hf_allow=settings.hf_allow) for cid, src in settings.checkpoints.items()}
 
 
 def load_generators(settings: Settings, checkpoints: dict | None = None) -> list[dict]:
@@ -112,6 +117,13 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
                                  max_wait_ms=settings.max_wait_ms, max_queue=settings.max_pending)
         backend.start()
         app.state.service = AdapterService(settings, checkpoints, cache, metrics, backend)
+        limit = settings.rate_limit()
+        if limit is not None:
+            from service.ratelimit import RateLimiter
+
+            app.state.limiter = RateLimiter(*limit, redis_url=redis_url, prefix=settings.cache_prefix,
+                                            socket_timeout_s=settings.redis_timeout_s)
+        log_request_ids()  # uvicorn has configured its loggers by now
         try:
             yield
         finally:
@@ -119,11 +131,14 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
             await asyncio.gather(*consumers)
             await backend.close()
             await cache.close()
+            if app.state.limiter is not None:
+                await app.state.limiter.close()
 
     app = FastAPI(title="loragen", version=__version__, lifespan=lifespan,
                   description="Generated LoRA adapters on demand (Text-to-LoRA).")
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.limiter = None
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -138,7 +153,7 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
-        type_ = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        type_ = {400: "bad_request", 404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return envelope(e.status_code, type_, str(e.detail), getattr(request.state, "request_id", None),
                         getattr(e, "headers", None))
 
@@ -146,7 +161,9 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     async def _bug(request: Request, e: Exception):
         rid = getattr(request.state, "request_id", None)
         log.exception("unhandled error in %s %s (request %s)", request.method, request.url.path, rid)
-        return envelope(500, "internal_error", "internal error; quote the request id when reporting it", rid)
+        # this handler runs outside RequestId (Starlette's error middleware is outermost): add the header here
+        return envelope(500, "internal_error", "internal error; quote the request id when reporting it", rid,
+                        {"X-Request-Id": rid} if rid else None)
 
     key_hashes = settings.api_key_hashes()
     open_paths = {"/health", "/ready"} | ({"/metrics"} if settings.metrics_public else set())
@@ -154,13 +171,22 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     @app.middleware("http")
     async def _observe(request: Request, call_next):
         start = time.perf_counter()
-        if key_hashes and request.url.path not in open_paths:
+        guarded = request.url.path not in open_paths
+        if key_hashes and guarded:
             denied = _check_key(request.headers.get("authorization", ""), key_hashes)
             if denied is not None:
                 status, type_, message = denied
                 metrics.requests.labels("auth", request.method, str(status)).inc()
                 return envelope(status, type_, message, request.state.request_id,
                                 {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+        limiter = request.app.state.limiter
+        if limiter is not None and guarded:
+            wait_s = await limiter.take(_client_id(request, bool(key_hashes)))
+            if wait_s > 0:
+                metrics.requests.labels("rate_limit", request.method, "429").inc()
+                e = RateLimited(f"rate limit of {limiter.rate:g} requests/s (burst {limiter.burst}) reached; "
+                                f"retry in {wait_s:.1f} s", headers={"Retry-After": str(math.ceil(wait_s))})
+                return envelope(e.status, e.type, e.message, request.state.request_id, e.headers)
         response = await call_next(request)
         route = request.scope.get("route")
         path = getattr(route, "path", "unmatched")
@@ -177,8 +203,39 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     return app
 
 
+def _client_id(request: Request, by_key: bool) -> str:
+    """Whom a rate limit counts: the API key (as a digest prefix, never the key) or, on an open service,
+    the client address."""
+    if by_key:
+        key = request.headers.get("authorization", "").partition(" ")[2].strip()
+        return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    return "ip:" + (request.client.host if request.client else "unknown")
+
+
+class _WithRequestId(logging.Formatter):
+    """Wraps a handler's formatter: the first line of every record ends with `request_id=<id>`."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.inner.format(record)
+        first, nl, rest = text.partition("\n")
+        return f"{first} request_id={request_id_var.get()}{nl}{rest}"
+
+
+def log_request_ids(loggers: tuple[str, ...] = ("", "uvicorn", "uvicorn.error", "uvicorn.access")) -> None:
+    """Make every line of these loggers' handlers carry the request id (idempotent)."""
+    for name in loggers:
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler.formatter, _WithRequestId):
+                handler.setFormatter(_WithRequestId(handler.formatter or logging.Formatter()))
+
+
 class RequestId:
-    """Give every request an id (the client's X-Request-Id if sane, else a new one) and echo it back."""
+    """Give every request an id (the client's X-Request-Id if sane, else a new one), echo it back, and
+    make it the log context of the request's task."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -189,6 +246,7 @@ class RequestId:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
+        request_id_var.set(rid)  # not reset: uvicorn logs an app's crash after the app returns, in this task
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 
 
 class ApiError(Exception):
@@ -32,8 +33,16 @@ class Unauthorized(ApiError):
     status, type = 401, "unauthorized"
 
 
+class UnsupportedMediaType(ApiError):
+    status, type = 415, "unsupported_media_type"
+
+
 class Overloaded(ApiError):
     status, type = 429, "overloaded"
+
+
+class RateLimited(ApiError):
+    status, type = 429, "rate_limited"
 
 
 class Unavailable(ApiError):
@@ -44,8 +53,22 @@ class Timeout(ApiError):
     status, type = 504, "timeout"
 
 
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """The body of every non-2xx response (OpenAPI documents it as each operation's default response)."""
+
+    error: ErrorDetail
+
+
 def envelope(status: int, type_: str, message: str, request_id: str | None = None,
              headers: dict[str, str] | None = None) -> JSONResponse:
+    # a message may quote client input: lone surrogates (valid in JSON text, not in UTF-8) are escaped
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     body: dict = {"error": {"type": type_, "message": message}}
     if request_id:
         body["error"]["request_id"] = request_id

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -11,6 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1 << 20
+_HF_ALLOW = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class Settings(BaseSettings):
@@ -54,6 +57,35 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_keys_file: Path | None = None
     metrics_public: bool = True  # /metrics without a key (for a scraper inside the network)
+
+    # Per-client rate limit (per API key; per client IP on an open service): a token bucket refilled at
+    # rate_limit_per_s and holding rate_limit_burst tokens; beyond it, 429 with Retry-After. 0: off. In Redis
+    # when redis_url is set, so the limit holds across replicas; per process otherwise.
+    rate_limit_per_s: float = Field(0.0, ge=0)
+    rate_limit_burst: int | None = Field(None, ge=1)  # None: max(1, ceil(rate_limit_per_s)), one second's worth
+
+    # hf:// checkpoint sources allowed: 'owner' (any repo of it) or 'owner/repo'. Empty: any hf:// source.
+    # LORAGEN_HF_ALLOW='SakanaAI,me/my-t2l'
+    hf_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    @field_validator("hf_allow", mode="before")
+    @classmethod
+    def _split_allow(cls, value: object) -> object:
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+    @field_validator("hf_allow")
+    @classmethod
+    def _check_allow(cls, value: list[str]) -> list[str]:
+        for pattern in value:
+            if not _HF_ALLOW.fullmatch(pattern):
+                raise ValueError(f"hf_allow entry {pattern!r} must be 'owner' or 'owner/repo'")
+        return value
+
+    def rate_limit(self) -> tuple[float, int] | None:
+        """(tokens per second, burst) when rate limiting is on, else None."""
+        if not self.rate_limit_per_s:
+            return None
+        return self.rate_limit_per_s, self.rate_limit_burst or max(1, math.ceil(self.rate_limit_per_s))
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -7,7 +7,7 @@ import contextlib
 import json
 import re
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -16,11 +16,13 @@ from generator.adapter import CHUNK, adapter_config_json, iter_tar_of_file, read
 from generator.errors import InputError
 from generator.pipeline import TaskInput
 from service.adapters import AdapterService, Result
-from service.errors import InvalidInput, NotFound
+from service.errors import ErrorResponse, InvalidInput, NotFound, UnsupportedMediaType
 from service.schemas import AdapterInput, BatchItem, BatchRequest, BatchResponse, GenerateRequest
 
-router = APIRouter(tags=["adapters"])
+router = APIRouter(tags=["adapters"], responses={"default": {"model": ErrorResponse, "description": "an error"}})
 _ID = re.compile(r"^[0-9a-f]{64}$")
+# code points no task text needs, which tokenizers, logs and C strings mishandle: NUL and lone surrogates
+_BAD_TEXT = re.compile("[\x00\ud800-\udfff]")
 _FORMATS = ("safetensors", "peft-tar")
 
 _BODY_DOC = {
@@ -44,9 +46,32 @@ def _service(request: Request) -> AdapterService:
     return request.app.state.service
 
 
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _is_json(media_type: str) -> bool:
+    return media_type in ("", "application/json") or (media_type.startswith("application/") and media_type.endswith("+json"))
+
+
+def _json_body(request: Request) -> None:
+    """415 for a body declared as something other than JSON (no Content-Type is taken as JSON)."""
+    if not _is_json(_media_type(request)):
+        raise UnsupportedMediaType(f"Content-Type {_media_type(request)!r} is not accepted here; send application/json")
+
+
+def _loads(raw: bytes | str, what: str) -> object:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidInput(f"{what} is not valid JSON") from None
+    except RecursionError:  # nesting deeper than the parser's stack: no input of ours is nested like that
+        raise InvalidInput(f"{what} is nested too deeply") from None
+
+
 async def _read_request(request: Request) -> GenerateRequest:
-    ctype = request.headers.get("content-type", "")
-    if ctype.startswith("multipart/form-data"):
+    media_type = _media_type(request)
+    if media_type == "multipart/form-data":
         try:
             form = await request.form(max_files=1, max_fields=8)
         except Exception as e:  # malformed multipart, too many parts
@@ -61,16 +86,13 @@ async def _read_request(request: Request) -> GenerateRequest:
             else:
                 fields[key] = value
         if isinstance(fields.get("embedding"), str):
-            try:
-                fields["embedding"] = json.loads(fields["embedding"])
-            except json.JSONDecodeError:
-                raise InvalidInput("embedding: expected a JSON list of numbers") from None
+            fields["embedding"] = _loads(fields["embedding"], "embedding (expected a JSON list of numbers)")
         data = fields
+    elif _is_json(media_type):
+        data = _loads(await request.body(), "body (send JSON, or multipart/form-data with a document file)")
     else:
-        try:
-            data = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise InvalidInput("body must be JSON (or multipart/form-data with a document file)") from None
+        raise UnsupportedMediaType(f"Content-Type {media_type!r} is not accepted; send application/json, "
+                                   "or multipart/form-data with a document file")
     try:
         return GenerateRequest.model_validate(data)
     except ValidationError as e:
@@ -90,6 +112,9 @@ def to_task_input(item: AdapterInput, max_chars: int) -> TaskInput:
         kind, text = ("task", item.task) if item.task is not None else ("document", item.document)
         if len(text) > max_chars:
             raise InvalidInput(f"{kind} has {len(text)} characters; the limit is {max_chars}")
+        if (bad := _BAD_TEXT.search(text)) is not None:
+            raise InvalidInput(f"{kind} holds {'a NUL character' if bad[0] == chr(0) else 'a lone surrogate'} at "
+                               f"position {bad.start()}; send plain UTF-8 text")
         return TaskInput.task(text) if kind == "task" else TaskInput.document(text)
     except InputError as e:
         raise InvalidInput(str(e)) from None
@@ -156,8 +181,6 @@ router.add_api_route("/v1/adapters", _generate, methods=["POST"], summary="gener
                      openapi_extra=_BODY_DOC, response_class=Response)
 
 
-@router.api_route("/v1/adapters/{adapter_id}", methods=["GET", "HEAD"], summary="a cached adapter by id",
-                  response_class=Response)
 async def get_adapter(request: Request, adapter_id: str, format: str = "safetensors") -> Response:
     if format not in _FORMATS:
         raise InvalidInput(f"unknown format {format!r}; choose one of {', '.join(_FORMATS)}")
@@ -170,7 +193,15 @@ async def get_adapter(request: Request, adapter_id: str, format: str = "safetens
     return adapter_response(Result(adapter_id, data, hit=True), format, head=request.method == "HEAD")
 
 
-@router.post("/v1/adapters/batch", summary="generate many adapters; fetch the bytes by id", response_model=BatchResponse)
+# GET and HEAD as two operations, each with its own operation id (one route for both would repeat it)
+router.add_api_route("/v1/adapters/{adapter_id}", get_adapter, methods=["GET"], summary="a cached adapter by id",
+                     response_class=Response, operation_id="get_adapter")
+router.add_api_route("/v1/adapters/{adapter_id}", get_adapter, methods=["HEAD"], response_class=Response,
+                     summary="a cached adapter's size and headers, without its bytes", operation_id="head_adapter")
+
+
+@router.post("/v1/adapters/batch", summary="generate many adapters; fetch the bytes by id", response_model=BatchResponse,
+             dependencies=[Depends(_json_body)])
 async def batch(request: Request, body: BatchRequest) -> BatchResponse:
     service = _service(request)
     if len(body.inputs) > service.settings.max_batch:

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
-router = APIRouter(tags=["operations"])
+from service.errors import ErrorResponse
+
+router = APIRouter(tags=["operations"], responses={"default": {"model": ErrorResponse, "description": "an error"}})
+_READY_BODY = {"type": "object", "required": ["status", "checkpoints"], "properties": {
+    "status": {"type": "string", "enum": ["ready", "degraded", "not_ready"]},
+    "checkpoints": {"type": "array", "items": {"type": "string"}},
+    "cache": {"type": "object"}}}
 
 
 @router.get("/health", summary="liveness: the process answers")
@@ -13,7 +19,9 @@ async def health() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/ready", summary="readiness: checkpoints loaded, generator up, cache reachable when configured")
+@router.get("/ready", summary="readiness: checkpoints loaded, generator up, cache reachable when configured",
+            responses={200: {"content": {"application/json": {"schema": _READY_BODY}}},
+                       503: {"description": "not ready", "content": {"application/json": {"schema": _READY_BODY}}}})
 async def ready(request: Request) -> JSONResponse:
     service = getattr(request.app.state, "service", None)
     if service is None or not service.checkpoints:
@@ -28,7 +36,7 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> Response:
     m = request.app.state.metrics
     service = getattr(request.app.state, "service", None)
