@@ -13,9 +13,11 @@ Backends, behind one async interface (`AdapterCache`):
   refuses writes raises `CacheUnavailable`; the service degrades to uncached, and redis-py reconnects by
   itself when Redis comes back.
 
-Redis entry: one string at `{prefix}adapter:{id}` = header + payload, header = b"LGA1" magic, 32-byte raw
-sha256(payload), 8-byte big-endian len(payload) (44 bytes). It is written with one `SET ... EX ttl`, so a
-reader sees all of an entry or none of it. Single-flight locks live at `{prefix}lock:{id}`.
+Redis entry: one string at `{prefix}adapter:{id}` = header + payload, header = b"LGA2" magic, 32-byte raw
+sha256(id + "\n" + payload), 8-byte big-endian len(payload) (44 bytes). The digest covers the id, so a whole,
+self-consistent entry filed under another id (a copy, a bug elsewhere) fails its check like a damaged one.
+It is written with one `SET ... EX ttl`, so a reader sees all of an entry or none of it. Single-flight locks
+live at `{prefix}lock:{id}`.
 """
 
 from __future__ import annotations
@@ -43,8 +45,8 @@ from redis.exceptions import OutOfMemoryError, RedisError
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAGIC = b"LGA1"
-HEADER = struct.Struct(">4s32sQ")  # magic, sha256(payload) raw, len(payload) big-endian: 44 bytes
+MAGIC = b"LGA2"  # LGA1 entries (digest of the payload alone) read as corrupt: dropped and regenerated
+HEADER = struct.Struct(">4s32sQ")  # magic, sha256(id, payload) raw, len(payload) big-endian: 44 bytes
 _KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")
 # Errors that mean "the backend is not usable right now". redis-py wraps socket errors, but a bare OSError or
 # asyncio timeout escaping it must not reach the service as a 500.
@@ -90,6 +92,14 @@ def _check_data(data: bytes) -> bytes:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"cache payload must be bytes, got {type(data).__name__}")
     return bytes(data)  # a no-op for bytes; copies a mutable buffer so later writes to it cannot corrupt the entry
+
+
+def entry_digest(key: str, data: bytes) -> bytes:
+    """What a Redis entry's header holds: sha256 over the adapter id and the payload."""
+    h = hashlib.sha256(key.encode())
+    h.update(b"\n")
+    h.update(data)
+    return h.digest()
 
 
 def _check_ttl_s(ttl_s: float) -> int:
@@ -322,7 +332,7 @@ class RedisCache(AdapterCache):
             raise CacheUnavailable(f"Redis cache at {self.url_redacted} failed {what}: {_one_line(exc)}") from exc
 
     @staticmethod
-    def _unpack(raw: bytes) -> bytes:
+    def _unpack(raw: bytes, key: str) -> bytes:
         if len(raw) < HEADER.size:
             raise _CorruptEntry(f"{len(raw)} bytes, shorter than the {HEADER.size}-byte header")
         magic, digest, length = HEADER.unpack_from(raw)
@@ -331,8 +341,8 @@ class RedisCache(AdapterCache):
         if length != len(raw) - HEADER.size:
             raise _CorruptEntry(f"header says {length} payload bytes, found {len(raw) - HEADER.size}")
         payload = raw[HEADER.size :]
-        if hashlib.sha256(payload).digest() != digest:
-            raise _CorruptEntry("sha256 mismatch")
+        if entry_digest(key, payload) != digest:
+            raise _CorruptEntry("sha256 mismatch (damaged, or another adapter's entry)")
         return payload
 
     async def get(self, key: str) -> bytes | None:
@@ -342,7 +352,7 @@ class RedisCache(AdapterCache):
             self.stats.misses += 1
             return None
         try:
-            payload = self._unpack(raw)
+            payload = self._unpack(raw, key)
         except _CorruptEntry as exc:
             self.stats.corrupt += 1
             self.stats.misses += 1
@@ -359,7 +369,7 @@ class RedisCache(AdapterCache):
     async def put(self, key: str, data: bytes) -> None:
         rkey = self._entry_key(key)
         data = _check_data(data)
-        value = HEADER.pack(MAGIC, hashlib.sha256(data).digest(), len(data)) + data
+        value = HEADER.pack(MAGIC, entry_digest(key, data), len(data)) + data
         await self._run("SET", self._redis.set(rkey, value, ex=self.ttl_s))
         self.stats.puts += 1
         self.stats.bytes += len(data)

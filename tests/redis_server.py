@@ -130,6 +130,17 @@ class RedisServer:
         self.require_managed("stopping Redis")
         self._kill()
 
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no shutdown, connections cut (`start()` brings it back)."""
+        self.require_managed("killing Redis")
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if self._paused:
+                proc.send_signal(signal.SIGCONT)
+                self._paused = False
+            proc.kill()
+            proc.wait(timeout=5)
+
     def _kill(self) -> None:
         proc, self._proc = self._proc, None
         if proc is None:
