@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from generator.errors import LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
 from service.errors import InvalidInput, Overloaded, Unavailable
+from service.malloc import keep_freed_memory
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ class WorkerPool:
         metrics.queue_depth.set_function(self.queue.qsize)
 
     def start(self) -> None:
+        keep_freed_memory()  # this process now allocates and frees adapter-sized blocks all day long
         for w in self.workers:
             w.thread.start()
         self._supervisor = asyncio.get_running_loop().create_task(self._supervise())

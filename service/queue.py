@@ -27,6 +27,7 @@ from generator.errors import LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
 from service.cache import AdapterCache, CacheUnavailable
 from service.errors import InvalidInput, Overloaded, Unavailable
+from service.malloc import keep_freed_memory
 from service.metrics import Metrics
 from service.pool import Job
 
@@ -286,6 +287,7 @@ class StreamWorker:
 def make_workers(settings, generators_per_device: list[dict[str, LoraGenerator]], cache: AdapterCache,
                  metrics: Metrics) -> list[StreamWorker]:
     """A stream consumer per device, each finding its generators by checkpoint content hash."""
+    keep_freed_memory()  # this process now allocates and frees adapter-sized blocks all day long
     url = settings.redis_url.get_secret_value()
     base = f"{socket.gethostname()}-{os.getpid()}"
     return [
