@@ -20,26 +20,34 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import (  # noqa: F401  (re-exported for bench_pool and older callers)
+    CPU_FLAGS,
+    DTYPES,
+    IdleWaiter,
+    OtherLoad,
+    add_common_args,
+    guarded,
+    machine_info,
+    peak_rss_mib,
+    report,
+    summarise,
+    time_it,
+)
 from generator.checkpoint import Checkpoint
 from generator.config import EncoderSpec, HyperConfig, ModuleSpec
 from generator.hypernet import build_hypernet
 from generator.pipeline import LoraGenerator, TaskInput
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def mistral_t2l_config() -> HyperConfig:
@@ -100,149 +108,8 @@ def counted_flops(net: torch.nn.Module, emb: torch.Tensor) -> int | None:
 
 # ------------------------------------------------------------------------------------------ timing
 
-def time_it(fn: Callable[[], object], warmup: int, repeats: int,
-            cleanup: Callable[[], None] | None = None) -> list[float]:
-    """Wall seconds of `fn()` per repeat, after `warmup` untimed calls. The result of each call is dropped
-    (and `cleanup` run) outside the timed region, so large outputs do not pile up."""
-    out = []
-    for i in range(warmup + repeats):
-        gc.collect()
-        t0 = time.perf_counter()
-        res = fn()
-        dt = time.perf_counter() - t0
-        del res
-        if cleanup is not None:
-            cleanup()
-        if i >= warmup:
-            out.append(dt)
-    return out
-
-
-
-
-
-def summarise(times: list[float], batch: int) -> dict:
-    s = sorted(times)
-    if len(s) >= 2:
-        p25, _, p75 = statistics.quantiles(s, n=4, method="inclusive")
-    else:
-        p25 = p75 = s[0]
-    med = statistics.median(s)
-    return {
-        "repeats": len(s),
-        "times_s": [round(t, 6) for t in times],
-        "median_s": med, "p25_s": p25, "p75_s": p75, "min_s": s[0], "max_s": s[-1],
-        "adapters_per_s": batch / med,
-        "adapters_per_s_iqr": [batch / p75, batch / p25],
-        "adapters_per_s_best": batch / s[0],
-        "ms_per_adapter": 1e3 * med / batch,
-    }
-
-
-class OtherLoad:
-    """CPU cores busy with other processes while a block runs: (busy jiffies of the whole machine from
-    /proc/stat minus this process's utime+stime) / elapsed jiffies per CPU. The machine may be shared; a
-    value well above 0 means the timings of that block were taken under contention. None off Linux."""
-
-    def __enter__(self):
-        self.start = self._read()
-        return self
-
-    def __exit__(self, *exc):
-        end = self._read()
-        self.cores = None
-        if self.start and end:
-            d_busy, d_total, d_self = (e - s for e, s in zip(end, self.start, strict=True))
-            ncpu = os.cpu_count() or 1
-            self.cores = round(max(0.0, (d_busy - d_self) / d_total * ncpu), 3) if d_total > 0 else None
-        return False
-
-    @staticmethod
-    def _read():
-        try:
-            cpu = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-            fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
-            own = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
-        except (OSError, ValueError, IndexError):
-            return None
-        idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)  # idle + iowait
-        total = sum(cpu[:8])  # user..steal; guest time is already counted in user
-        return total - idle, total, own
-
-
-class IdleWaiter:
-    """Before a measurement, wait (1 s probes) until other processes use under `threshold` cores, spending
-    at most `budget_s` seconds over the whole run; 0 disables waiting. Timings still record OtherLoad."""
-
-    def __init__(self, budget_s: float, threshold: float):
-        self.left, self.threshold, self.waited = budget_s, threshold, 0.0
-
-    def __call__(self) -> None:
-        while self.left > 0:
-            t0 = time.perf_counter()
-            with OtherLoad() as probe:
-                time.sleep(1.0)
-            spent = time.perf_counter() - t0
-            self.left -= spent
-            if probe.cores is None or probe.cores < self.threshold:
-                return
-            self.waited += spent
-
-
-def guarded(args, block: Callable[[], object]) -> tuple[object, float | None, int]:
-    """Run a measurement block under OtherLoad, after waiting for an idle machine (--wait-idle). Where the
-    block was contended (other processes over --idle-threshold cores) and idle-wait budget is left, run it
-    again, up to --retries times. Returns (block's result, other processes' cores, attempts)."""
-    attempts = 0
-    while True:
-        attempts += 1
-        args.wait()
-        with OtherLoad() as load:
-            out = block()
-        quiet = load.cores is None or load.cores < args.idle_threshold
-        if quiet or attempts > args.retries or args.wait.left <= 0:
-            return out, load.cores, attempts
-
-
-def peak_rss_mib() -> float:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
-
-
 def reps_for(batch: int, args) -> int:
     return args.repeats_large if batch >= args.large_batch else args.repeats
-
-
-# ------------------------------------------------------------------------------------------ machine
-
-def machine_info() -> dict:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:
-        capability = None
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "threads": torch.get_num_threads(),
-        "interop_threads": torch.get_num_interop_threads(),
-        "os_cpu_count": os.cpu_count(),
-        "affinity_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": model,
-        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
-        "torch_cpu_capability": capability,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "mkl": torch.backends.mkl.is_available(),
-    }
 
 
 # ------------------------------------------------------------------------------------------ phases
@@ -525,32 +392,6 @@ def main(argv: list[str] | None = None) -> int:
 
     report(results, markdown(results, batches, dtypes), args.json, f"wall time {results['wall_s']:.0f} s")
     return 0
-
-
-def add_common_args(p: argparse.ArgumentParser, unit: str) -> None:
-    """Flags every benchmark here takes: threads, seed, contention handling, JSON output."""
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                   help=f"on a shared machine: before each {unit} wait until other processes use under "
-                        "--idle-threshold cores, spending at most SECONDS in all (default 0: never wait)")
-    p.add_argument("--idle-threshold", type=float, default=0.25, metavar="CORES",
-                   help="other processes' CPU use counted as contention (default 0.25 cores)")
-    p.add_argument("--retries", type=int, default=1,
-                   help=f"with --wait-idle: re-run a contended {unit} up to this many times (default 1)")
-    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write every number to this JSON file")
-
-
-def report(results: dict, md: str, json_path, summary: str) -> None:
-    """Print the markdown and a one-line summary; write every number to `json_path` when given."""
-    results["markdown"] = md
-    print()
-    print(md)
-    print(f"\n{summary}")
-    if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {json_path}")
 
 
 if __name__ == "__main__":

@@ -37,27 +37,28 @@ import argparse
 import asyncio
 import gc
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
-import torch
+if __package__ in (None, ""):  # run as a script: make the `benchmarks` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_generate import (  # noqa: E402  (benchmarks/ is not a package)
+import torch  # noqa: E402
+from safetensors.torch import load as st_load  # noqa: E402
+
+from benchmarks.bench_generate import mistral_t2l_config  # noqa: E402
+from benchmarks.common import (  # noqa: E402
     DTYPES,
     IdleWaiter,
     add_common_args,
+    git_state,
     guarded,
     machine_info,
-    mistral_t2l_config,
     peak_rss_mib,
     report,
 )
-from safetensors.torch import load as st_load  # noqa: E402
-
 from generator.checkpoint import Checkpoint  # noqa: E402
 from generator.hypernet import build_hypernet  # noqa: E402
 from generator.pipeline import LoraGenerator, TaskInput  # noqa: E402
@@ -245,18 +246,6 @@ def sanity(gen: LoraGenerator, inputs: Inputs, dn: str) -> dict:
     return {"keys_and_shapes_match_direct": bool(keys_ok), "tensors_per_adapter": len(st_load(raws[0])),
             "bytes_per_adapter": len(raws[0]), "max_abs_diff_vs_direct_rel_to_max": worst,
             "forward_passes": int(h["count"]), "adapters": int(h["sum"])}
-
-
-def git_state() -> dict:
-    """The commit measured and whether the library's tracked files differed from it (best effort)."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "generator", "service"],
-                               cwd=root, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None}
-    return {"commit": head.stdout.strip(), "library_modified": bool(dirty.stdout.strip())}
 
 
 def bench_dtype(ckpt: Checkpoint, dn: str, inputs: Inputs, args) -> dict:

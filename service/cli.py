@@ -1,4 +1,4 @@
-"""`loragen` command line: serve | worker | generate | inspect | convert.
+"""`loragen` command line: serve | worker | generate | inspect | convert | bench.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
 a command runs, so `loragen --help` is instant.
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", metavar="T2L_DIR")
     c.add_argument("out", metavar="OUT_DIR")
     checkpoint_args(c)
+
+    # every argument after `bench` goes to the suite (main() hands them over before parsing): `loragen bench --help`
+    sub.add_parser("bench", add_help=False,
+                   help="run the benchmark suite of a source checkout: JSON + markdown report (see `loragen bench --help`)")
     return p
 
 
@@ -92,6 +96,9 @@ def _names(text: str) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     from generator.errors import LoragenError
 
@@ -215,6 +222,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             value = ", ".join(f"{m} {d['d_in']}->{d['d_out']}" for m, d in value.items())
         print(f"{key:22} {value}")
     return 0
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """`loragen bench [options]` = `python -m benchmarks [options]`. The suite lives in the repository's
+    benchmarks/ folder, which the installed package does not include (it is not library code, and a top-level
+    `benchmarks` package would clash with others): it runs from a source checkout, as an editable install
+    (`pip install -e .`, what scripts/install.sh does) is."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "benchmarks" / "suite.py").is_file():
+        print(f"loragen: error: loragen bench runs the benchmark suite of a source checkout, and there is no "
+              f"benchmarks/ folder next to {root / 'service'}; install loragen from a clone with "
+              "`pip install -e .` (scripts/install.sh) and run it there", file=sys.stderr)
+        return EXIT_USAGE
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.suite import main as bench_main
+
+    return bench_main(argv)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

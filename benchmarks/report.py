@@ -1,0 +1,159 @@
+"""The suite's markdown report and its verdicts on the issue's targets (from the results dict alone)."""
+
+from __future__ import annotations
+
+
+def _f(x, spec=".2f", none="–") -> str:
+    return none if x is None else format(x, spec)
+
+
+def _load(x) -> str:
+    if isinstance(x, list):
+        xs = [v for v in x if v is not None]
+        return "–" if not xs else f"{max(xs):.2f}"
+    return _f(x)
+
+
+def targets(r: dict) -> list[dict]:
+    """The issue's three targets, each with the measured numbers and met/missed (None where not measured)."""
+    out = []
+    rows = r.get("generation", {}).get("checkpoints", {}).get("mistral", {}).get("rows", {}).get("bfloat16", {})
+    batched = {b: row for b, row in rows.items() if int(b) > 1}
+    if batched:
+        best_b = max(batched, key=lambda b: batched[b]["generate"]["efficiency"])
+        row = batched[best_b]
+        eff = row["generate"]["efficiency"]
+        out.append({"target": "batched bfloat16 generation at Mistral dims >= 60% of the measured bf16 matmul rate",
+                    "measured": f"generate() at B={best_b}: {100 * eff:.0f}% ({row['generate']['gflops']:.0f} of "
+                                f"{row['matmul_gflops']:.0f} GFLOP/s); with serialising: "
+                                f"{100 * row['e2e']['efficiency']:.0f}%; "
+                                + ", ".join(f"B={b} {100 * x['generate']['efficiency']:.0f}%" for b, x in batched.items()),
+                    "met": eff >= 0.60})
+    http = r.get("http", {})
+    for dn, row in http.get("dtypes", {}).items():
+        ratio = row["miss_over_in_process"]
+        out.append({"target": f"HTTP cache-miss throughput >= 85% of in-process at the same batch size ({dn})",
+                    "measured": f"{row['miss_embedding']['per_s']:.2f} vs {row['in_process']['per_s']:.2f} adapters/s "
+                                f"= {100 * ratio:.0f}% (max_batch_size {http['batch_size']}, {http['concurrency']} clients)",
+                    "met": ratio >= 0.85})
+    hit, rb = http.get("hits", {}).get("1"), (http.get("redis_benchmark") or {}).get("1")
+    if hit and rb:
+        out.append({"target": "cache-hit p50 <= 2x redis-benchmark GET p50 for the same size",
+                    "measured": f"{hit['p50_ms']:.2f} ms vs {rb['p50_ms']:.2f} ms = {hit['p50_ms'] / rb['p50_ms']:.2f}x "
+                                f"({http['entry_bytes'] / 1e6:.2f} MB, one client)",
+                    "met": hit["p50_ms"] <= 2 * rb["p50_ms"]})
+    return out
+
+
+def markdown(r: dict) -> str:
+    m, v = r["machine"], r["versions"]
+    flags = ", ".join(f for f, on in m["cpu_flags"].items() if on) or "none of the listed"
+    gpu = f"; GPU: {', '.join(m['gpus'])}" if m.get("gpus") else "; no GPU"
+    lb, la = r.get("loadavg_before"), r.get("loadavg_after")
+    lines = [
+        f"Machine: {m['cpu_model']}, {m['os_cpu_count']} CPUs ({m['threads']} torch threads; {flags}), "
+        f"{m.get('memory_gib')} GiB{gpu}. Device measured: {r['device']}. Python {v['python']}, torch {v['torch']}, "
+        f"transformers {v['transformers']}, fastapi {v['fastapi']}, uvicorn {v['uvicorn']}, httpx {v['httpx']}, "
+        f"redis-py {v['redis']}" + (f", Redis {r['http']['redis_version']}" if "http" in r else "") + ". "
+        f"loragen at {(r['git'].get('commit') or 'unknown')[:7]}{' (modified)' if r['git'].get('library_modified') else ''}.",
+        "",
+        f"Command: `{r['command']}`{' (quick: tiny sizes, numbers meaningless)' if r['quick'] else ''}. "
+        f"Wall time {r['wall_s']:.0f} s. Load average (1/5/15 min) before {lb}, after {la}. "
+        f"malloc tuning (service/malloc.py): {'on' if r.get('malloc_tuned') else 'off'}. "
+        "\"Other cores\": CPU cores kept busy by processes other than the benchmark's own during a measurement "
+        "(from /proc/stat; the highest over a row's runs); above ~0.1 that row was measured under contention.",
+    ]
+    if r.get("targets"):
+        lines += ["", "| target | measured | met |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in r["targets"]]
+    if "generation" in r:
+        lines += ["", "**Generation** (random weights, embeddings given; efficiency = time of the forward's "
+                  "matmuls alone at the measured rate / measured time; generate = to LoraAdapter objects, float32 "
+                  "output; e2e = generate + safetensors bytes; median [IQR]):", "",
+                  "| checkpoint | compute | B | matmul GFLOP/s | forward adapters/s | eff. | generate adapters/s | "
+                  "eff. | e2e adapters/s | eff. | peak RSS MiB | other cores |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, e in r["generation"]["checkpoints"].items():
+            for dn, rows in e["rows"].items():
+                for b, x in rows.items():
+                    cells = [name, dn, b, f"{x['matmul_gflops']:.0f}"]
+                    for k in ("forward", "generate", "e2e"):
+                        lo, hi = x[k]["adapters_per_s_iqr"]
+                        cells += [f"{x[k]['adapters_per_s']:.2f} [{lo:.2f}–{hi:.2f}]", f"{100 * x[k]['efficiency']:.0f}%"]
+                    peak = x["peak_device_mib"] if x.get("peak_device_mib") is not None else x["peak_rss_mib"]
+                    cells += [_f(peak, ".0f"), _load([x["forward"]["other_load_cores"], x["e2e"]["other_load_cores"]])]
+                    lines.append("| " + " | ".join(cells) + " |")
+        dims = "; ".join(f"{n}: {e['dims']}, {e['params'] / 1e6:.0f} M params, {e['gflop_per_adapter']:.2f} GFLOP "
+                         f"and {e['adapter_mb_float32']:.2f} MB (float32) per adapter"
+                         for n, e in r["generation"]["checkpoints"].items())
+        lines += ["", f"Dims: {dims}."]
+        od = next((e["output_dtype"] for e in r["generation"]["checkpoints"].values() if "output_dtype" in e), None)
+        if od:
+            lines += ["", "**Output dtype** (first checkpoint above; generate + serialise, ms per adapter):", "",
+                      "| compute | output | B | bytes per adapter | generate ms | serialise ms | total ms |",
+                      "|---|---|---:|---:|---:|---:|---:|"]
+            for dn, outs in od.items():
+                for odt, x in outs.items():
+                    lines.append(f"| {dn} | {odt} | {x['batch']} | {x['bytes_per_adapter']:,} | "
+                                 f"{x['generate_ms_per_adapter']:.1f} | {x['serialise_ms_per_adapter']:.1f} | "
+                                 f"{x['total_ms_per_adapter']:.1f} |")
+    if "encoder" in r:
+        enc = r["encoder"]
+        lines += ["", "**Encoder** (`TaskEncoder.encode`, distinct task descriptions; median [IQR]):", "",
+                  "| encoder | tokens/text | B | texts/s | ms/text | other cores |", "|---|---:|---:|---:|---:|---:|"]
+        for name, e in enc.items():
+            if name == "share_of_e2e":
+                continue
+            for b, x in e["rows"].items():
+                lo, hi = x["texts_per_s_iqr"]
+                lines.append(f"| {name} | {e['mean_tokens_per_text']:.1f} | {b} | {x['texts_per_s']:.1f} [{lo:.1f}–{hi:.1f}] "
+                             f"| {x['ms_per_text']:.1f} | {_load(x['other_load_cores'])} |")
+        lines += ["", "Share of end-to-end time (task texts → adapter bytes at the Mistral dims, gte-large-sized encoder):",
+                  "", "| compute | B | encoder ms/text | e2e ms/adapter | encoder share |", "|---|---:|---:|---:|---:|"]
+        for dn, rows in enc["share_of_e2e"].items():
+            for b, x in rows.items():
+                lines.append(f"| {dn} | {b} | {1e3 * x['encoder_s'] / int(b):.1f} | {1e3 * x['e2e_s'] / int(b):.1f} | "
+                             f"{100 * x['share']:.0f}% |")
+    if "baseline" in r:
+        bl = r["baseline"]
+        lines += ["", f"**Per-request baseline**: one `loragen generate` process per adapter (start, load checkpoint "
+                  f"and gte-large-sized encoder, embed, generate, write a PEFT directory), float32: "
+                  f"{bl['median']:.2f} s per adapter [{bl['min']:.2f}–{bl['max']:.2f}], {bl['n']} runs."]
+        http = r.get("http", {}).get("dtypes", {})
+        if http:
+            lines += ["", "| service (HTTP, cache misses from task texts) | adapters/s | × the per-request baseline |",
+                      "|---|---:|---:|"]
+            for dn, row in http.items():
+                x = row["miss_text"]["per_s"]
+                lines.append(f"| {dn} compute, {r['http']['concurrency']} clients | {x:.2f} | {x * bl['median']:.1f}× |")
+    if "http" in r:
+        h = r["http"]
+        lines += ["", f"**HTTP on loopback** (`loragen serve`, Redis cache, max_batch_size {h['batch_size']}, "
+                  f"{h['concurrency']} closed-loop httpx clients unless said; float32 output; requests/s median "
+                  f"[min–max] over {h['runs']} runs; latency over all runs' requests):", "",
+                  "| compute | what | n×runs | requests/s | p50 ms | p95 ms | p99 ms | vs in-process | other cores |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+        def hrow(dn, what, x, ratio=None):
+            lo, hi = x["per_s_range"]
+            return (f"| {dn} | {what} | {x['n']}×{x['runs']} | {x['per_s']:.2f} [{lo:.2f}–{hi:.2f}] | {x['p50_ms']:.1f} | "
+                    f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {'–' if ratio is None else f'{100 * ratio:.0f}%'} | "
+                    f"{_load(x['other_load_cores'])} |")
+
+        for dn, row in h["dtypes"].items():
+            lines.append(hrow(dn, "in-process pool (no HTTP, no cache)", row["in_process"]))
+            lines.append(hrow(dn, "miss, embedding input", row["miss_embedding"], row["miss_over_in_process"]))
+            lines.append(hrow(dn, "miss, task text (encoder runs)", row["miss_text"]))
+        for c, x in h.get("hits", {}).items():
+            lines.append(hrow("–", f"hit (POST of a cached input), {c} client{'s' if c != '1' else ''}", x))
+        rb = h.get("redis_benchmark") or {}
+        if rb:
+            lines += ["", f"Cache hits against `redis-benchmark -t set,get -d {h['entry_bytes']}` (GET of the same "
+                      "value size on the same Redis):", "",
+                      "| clients | HTTP hit requests/s | redis-benchmark GET/s | HTTP hit p50 ms | GET p50 ms | ratio p50 | "
+                      "HTTP hit p99 ms | GET p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            for c, g in rb.items():
+                x = h["hits"][c]
+                lines.append(f"| {c} | {x['per_s']:.1f} | {g['rps']:.1f} | {x['p50_ms']:.2f} | {g['p50_ms']:.2f} | "
+                             f"{x['p50_ms'] / g['p50_ms']:.2f}× | {x['p99_ms']:.2f} | {g['p99_ms']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,313 @@
+"""HTTP end to end on loopback: a real `loragen serve` process with a real Redis cache, real clients.
+
+For each compute dtype, one server (`python -m service.cli serve`, the Mistral-7B T2L dims checkpoint from
+assets.py, Redis cache, max_batch_size B, max_wait_ms 5) and, in this process, N concurrent clients
+(httpx.AsyncClient, a closed loop: each sends a request, reads the whole body, sends the next):
+  miss (embedding)   POST /v1/adapters {"embedding": [...]}, every input distinct: X-Cache: miss
+  miss (task text)   POST /v1/adapters {"task": "..."}, distinct texts: the encoder runs too
+  in-process         the same embedding jobs through service.pool.WorkerPool in this process, same B and N,
+                     no HTTP and no cache: HTTP miss throughput / this = the serving overhead
+Then, once, cache hits: POST of inputs already cached (X-Cache: hit) at concurrency 1 and N, against
+`redis-benchmark -t set,get -d SIZE` on the same Redis with the cache entry's size, at the same concurrencies.
+Latency is from sending the request to having read the last byte of the body. Throughput = requests / wall
+time of a run; each row is `--http-runs` runs of fresh, distinct inputs (median [min–max]); latency
+percentiles pool the requests of all runs. The clients share the machine's cores with the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import redis as redis_sync
+import torch
+
+from benchmarks.assets import Assets, task_texts
+from benchmarks.bench_pool import make_jobs, pool_run
+from benchmarks.common import DTYPES, OtherLoad, percentile, stats
+from benchmarks.generation import embeddings
+from generator.pipeline import LoraGenerator, TaskInput
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    """The Redis the service caches in: `url` if given, else our own redis-server on a free port."""
+
+    def __init__(self, url: str | None, workdir: Path):
+        self.proc: subprocess.Popen | None = None
+        if url is None:
+            binary = shutil.which("redis-server")
+            if binary is None:
+                raise RuntimeError("no redis-server on PATH; install Redis or pass --redis-url")
+            port = free_port()
+            self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                                          "--appendonly", "no", "--dir", str(workdir)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            url = f"redis://127.0.0.1:{port}/0"
+        self.url = url
+        self.client = redis_sync.Redis.from_url(url, socket_timeout=30)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.client.ping()
+                break
+            except redis_sync.RedisError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Redis at {url} does not answer PING") from None
+                time.sleep(0.05)
+        info = self.client.info("server")
+        self.version = info.get("redis_version")
+        kw = self.client.connection_pool.connection_kwargs
+        self.host, self.port = kw.get("host", "127.0.0.1"), kw.get("port", 6379)
+        self.pids = [self.proc.pid] if self.proc else []
+
+    def delete_prefix(self, prefix: str) -> None:
+        for batch in _chunks(self.client.scan_iter(match=prefix + "*", count=1000), 500):
+            self.client.unlink(*batch)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def _chunks(it, n):
+    buf = []
+    for x in it:
+        buf.append(x)
+        if len(buf) == n:
+            yield buf
+            buf = []
+    if buf:
+        yield buf
+
+
+class Server:
+    """`loragen serve` in its own process, ready when /ready says so."""
+
+    def __init__(self, assets: Assets, redis: Redis, compute_dtype: str, args, log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.prefix = f"bench:{uuid.uuid4().hex[:12]}:"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGEN_")}
+        env.update({"HF_HUB_OFFLINE": "1", "LORAGEN_LOG_LEVEL": "warning", "LORAGEN_REDIS_URL": redis.url,
+                    "LORAGEN_CACHE_PREFIX": self.prefix, "LORAGEN_COMPUTE_DTYPE": compute_dtype,
+                    "LORAGEN_MAX_BATCH_SIZE": str(args.http_batch), "LORAGEN_MAX_WAIT_MS": "5",
+                    "LORAGEN_MAX_PENDING": "4096", "LORAGEN_REQUEST_TIMEOUT_S": "600", "LORAGEN_DEVICE": args.device})
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
+               "--checkpoint", f"bench={assets.mistral_dir}"]
+        self._log = open(log, "wb")
+        self.log_path = log
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"loragen serve exited {self.proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"loragen serve not ready after 180 s: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+# ------------------------------------------------------------------------------------------- clients
+
+async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], concurrency: int,
+                      expect_cache: str) -> dict:
+    """`concurrency` clients share `requests` (method, path, JSON body); each reads the whole response body."""
+    lat = [0.0] * len(requests)
+    sizes: set[int] = set()
+    it = iter(enumerate(requests))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    headers = {"content-type": "application/json"}
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=600) as client:
+        async def one() -> None:
+            for i, (method, path, body) in it:
+                t0 = time.perf_counter()
+                r = await client.request(method, path, content=body, headers=headers if body else None)
+                data = r.content
+                lat[i] = time.perf_counter() - t0
+                if r.status_code != 200 or r.headers.get("x-cache") != expect_cache:
+                    raise RuntimeError(f"{method} {path}: {r.status_code} X-Cache {r.headers.get('x-cache')} "
+                                       f"(expected 200 {expect_cache}): {data[:300]!r}")
+                sizes.add(len(data))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return {"wall_s": wall, "latencies_s": lat, "sizes": sorted(sizes)}
+
+
+def summarise_runs(runs: list[dict], n: int) -> dict:
+    rates = [n / r["wall_s"] for r in runs]
+    lat = [t for r in runs for t in r["latencies_s"]]
+    return {"n": n, "runs": len(runs), "per_s": stats(rates)["median"], "per_s_range": [min(rates), max(rates)],
+            "per_s_runs": rates, "p50_ms": 1e3 * percentile(lat, 50), "p95_ms": 1e3 * percentile(lat, 95),
+            "p99_ms": 1e3 * percentile(lat, 99), "mean_ms": 1e3 * sum(lat) / len(lat),
+            "bytes": runs[0].get("sizes"),
+            "other_load_cores": [r.get("other_load_cores") for r in runs]}
+
+
+def _embedding_body(e: torch.Tensor) -> bytes:
+    return json.dumps({"embedding": [round(float(v), 6) for v in e]}).encode()
+
+
+# ------------------------------------------------------------------------------------------- phases
+
+def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
+    """The pool without HTTP or cache: same generator, max_batch_size and concurrency as the server."""
+    gen = LoraGenerator(assets.mistral, device=args.device, compute_dtype=DTYPES[dn])
+    runs = []
+    for i in range(args.http_runs):
+        warm = [TaskInput.from_embedding(e) for e in emb_source(min(args.http_concurrency, 16))]
+        items = [TaskInput.from_embedding(e) for e in emb_source(args.http_n)]
+        wj, jj = make_jobs(warm, gen, dn, f"w{i}"), make_jobs(items, gen, dn, f"r{i}")
+        if args.wait is not None:
+            args.wait()
+        with OtherLoad() as load:
+            out = asyncio.run(pool_run(gen, wj, jj, max_batch_size=args.http_batch, max_wait_ms=5.0,
+                                       concurrency=args.http_concurrency))
+        out["other_load_cores"] = load.cores
+        runs.append(out)
+    del gen
+    return summarise_runs(runs, args.http_n)
+
+
+def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, concurrency: int,
+               expect: str, args, warm_requests=None) -> dict:
+    runs = []
+    for i in range(args.http_runs):
+        if warm_requests is not None:
+            asyncio.run(closed_loop(server.url, warm_requests(i), concurrency, expect))
+        reqs = make_requests(i)
+        if args.wait is not None:
+            args.wait()
+        with OtherLoad([server.proc.pid, *redis.pids]) as load:
+            out = asyncio.run(closed_loop(server.url, reqs, concurrency, expect))
+        out["other_load_cores"] = load.cores
+        runs.append(out)
+    row = summarise_runs(runs, n)
+    print(f"  http {label:34s} {row['per_s']:8.2f}/s [{row['per_s_range'][0]:.2f}–{row['per_s_range'][1]:.2f}] "
+          f"p50 {row['p50_ms']:7.1f} p95 {row['p95_ms']:7.1f} p99 {row['p99_ms']:7.1f} ms | other procs' cores "
+          f"{row['other_load_cores']}", flush=True)
+    return row
+
+
+def redis_benchmark(redis: Redis, size: int, concurrency: int, n: int) -> dict | None:
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    cmd = [binary, "-h", str(redis.host), "-p", str(redis.port), "-t", "set,get", "-d", str(size),
+           "-n", str(n), "-c", str(concurrency), "--csv"]
+    with OtherLoad(redis.pids) as load:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed: {proc.stderr.strip()[-1000:]}")
+    rows = {r["test"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
+    get = rows["GET"]
+    redis.client.delete("key:__rand_int__")  # the key redis-benchmark's SET and GET use
+    out = {"rps": float(get["rps"]), "p50_ms": float(get["p50_latency_ms"]), "p95_ms": float(get["p95_latency_ms"]),
+           "p99_ms": float(get["p99_latency_ms"]), "avg_ms": float(get["avg_latency_ms"]), "n": n,
+           "concurrency": concurrency, "value_bytes": size, "other_load_cores": load.cores,
+           "command": " ".join(cmd[1:])}
+    print(f"  redis-benchmark GET {size / 1e6:.2f} MB c={concurrency}: {out['rps']:.1f}/s p50 {out['p50_ms']:.2f} ms "
+          f"p99 {out['p99_ms']:.2f} ms", flush=True)
+    return out
+
+
+def run(assets: Assets, args) -> dict:
+    res: dict = {"batch_size": args.http_batch, "concurrency": args.http_concurrency, "n": args.http_n,
+                 "runs": args.http_runs, "dtypes": {}}
+    redis = Redis(args.redis_url, assets.workdir)
+    res["redis_version"] = redis.version
+    res["redis_url"] = "own redis-server" if args.redis_url is None else "given"
+    counter = iter(range(10**9))
+    g_seed = args.seed + 1000
+
+    def emb_source(n: int) -> torch.Tensor:  # fresh, distinct embeddings on every call
+        return embeddings(n, assets.mistral.config.task_emb_dim, g_seed + next(counter))
+
+    text_counter = iter(range(10**9))
+
+    def texts(n: int) -> list[str]:
+        k = next(text_counter)
+        return [f"{t} (request {k}-{j})" for j, t in enumerate(task_texts(n, args.seed + 2000 + k))]
+
+    try:
+        server = None
+        for dn in args.dtypes:
+            row: dict = {}
+            row["in_process"] = inp = in_process(assets, dn, args, emb_source)
+            print(f"  in-process pool {dn:8s} B={args.http_batch} c={args.http_concurrency}: {inp['per_s']:.2f}/s "
+                  f"[{inp['per_s_range'][0]:.2f}–{inp['per_s_range'][1]:.2f}] p50 {inp['p50_ms']:.1f} ms", flush=True)
+            server = Server(assets, redis, dn, args, assets.workdir / f"serve-{dn}.log")
+            try:
+                emb_reqs = {}
+
+                def make_emb(i, n=args.http_n, emb_reqs=emb_reqs):
+                    emb_reqs[i] = [("POST", "/v1/adapters", _embedding_body(e)) for e in emb_source(n)]
+                    return emb_reqs[i]
+
+                warm = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
+                                  for e in emb_source(min(args.http_concurrency, 16))]
+                row["miss_embedding"] = http_phase(server, redis, f"{dn} miss (embedding) c={args.http_concurrency}",
+                                                   make_emb, args.http_n, args.http_concurrency, "miss", args, warm)
+                row["miss_over_in_process"] = row["miss_embedding"]["per_s"] / inp["per_s"]
+                mk_text = lambda i: [("POST", "/v1/adapters", json.dumps({"task": t}).encode())  # noqa: E731
+                                     for t in texts(args.http_text_n)]
+                warm_text = lambda i: [("POST", "/v1/adapters", json.dumps({"task": t}).encode())  # noqa: E731
+                                       for t in texts(min(args.http_concurrency, 16))]
+                row["miss_text"] = http_phase(server, redis, f"{dn} miss (task text) c={args.http_concurrency}",
+                                              mk_text, args.http_text_n, args.http_concurrency, "miss", args,
+                                              warm_text)
+                if dn == args.dtypes[-1]:  # hits do not depend on the compute dtype: measured once
+                    cached = [r for reqs in emb_reqs.values() for r in reqs]
+                    hits = {}
+                    for c in sorted({1, args.http_concurrency}):
+                        hits[str(c)] = http_phase(server, redis, f"hit (POST, cached input) c={c}",
+                                                  lambda i, cached=cached: [cached[j % len(cached)] for j in range(args.hit_n)],
+                                                  args.hit_n, c, "hit", args)
+                    res["hits"] = hits
+                    res["entry_bytes"] = size = int(redis.client.strlen(next(redis.client.scan_iter(
+                        match=server.prefix + "adapter:*"))))
+                    res["redis_benchmark"] = {str(c): redis_benchmark(redis, size, c, args.hit_n)
+                                              for c in sorted({1, args.http_concurrency})}
+            finally:
+                server.stop()
+                redis.delete_prefix(server.prefix)
+            res["dtypes"][dn] = row
+    finally:
+        redis.close()
+    return res

@@ -1,0 +1,59 @@
+"""The benchmark suite's smoke run: every section on tiny sizes, real parts (a `loragen serve` process, its own
+redis-server, a `loragen generate` process), and a report of the expected shape with sane numbers. It checks
+the machinery, not the machine: the numbers of a --quick run mean nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None or shutil.which("redis-benchmark") is None,
+                                reason="the HTTP section needs redis-server and redis-benchmark on PATH")
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0 and x == x and x != float("inf")
+
+
+def test_quick_suite_writes_a_complete_report(tmp_path):
+    from benchmarks.suite import main
+
+    assert main(["--quick", "--dtypes", "bfloat16", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench-quick-cpu.json").read_text())
+    md = (tmp_path / "bench-quick-cpu.md").read_text()
+    assert r["quick"] is True and r["device"] == "cpu" and r["machine"]["cpu_model"] and r["versions"]["torch"]
+    assert len(r["loadavg_before"]) == 3 and len(r["loadavg_after"]) == 3
+
+    gen = r["generation"]["checkpoints"]["mistral"]
+    for b, row in gen["rows"]["bfloat16"].items():
+        assert int(b) in (1, 2)
+        assert all(_positive(row[k]["adapters_per_s"]) and _positive(row[k]["efficiency"])
+                   for k in ("forward", "generate", "e2e"))
+        assert _positive(row["matmul_gflops"]) and _positive(row["peak_rss_mib"])
+        assert row["bytes_per_adapter"] > gen["adapter_mb_float32"] * 1e6  # the tensors plus the file's header
+    od = gen["output_dtype"]["bfloat16"]
+    assert od["bfloat16"]["bytes_per_adapter"] < od["float32"]["bytes_per_adapter"]
+
+    enc = r["encoder"]
+    for name in ("all-MiniLM-L6-v2", "gte-large-size (random)"):
+        assert all(_positive(x["texts_per_s"]) for x in enc[name]["rows"].values())
+    assert all(_positive(x["share"]) for x in enc["share_of_e2e"]["bfloat16"].values())
+
+    assert _positive(r["baseline"]["median"]) and r["baseline"]["adapter_bytes"] > 0
+
+    http = r["http"]
+    row = http["dtypes"]["bfloat16"]
+    for k in ("in_process", "miss_embedding", "miss_text"):
+        assert _positive(row[k]["per_s"]) and row[k]["p50_ms"] <= row[k]["p95_ms"] <= row[k]["p99_ms"]
+    assert _positive(row["miss_over_in_process"])
+    assert set(http["hits"]) == set(http["redis_benchmark"]) == {"1", "2"}
+    assert all(_positive(x["p50_ms"]) for x in http["hits"].values())
+    assert all(_positive(x["rps"]) and _positive(x["p50_ms"]) for x in http["redis_benchmark"].values())
+    assert http["redis_benchmark"]["1"]["value_bytes"] == http["entry_bytes"]
+
+    assert {t["target"].split(" ")[0] for t in r["targets"]} >= {"batched", "HTTP", "cache-hit"}
+    assert all(isinstance(t["met"], bool) for t in r["targets"])
+    for heading in ("**Generation**", "**Encoder**", "**Per-request baseline**", "**HTTP on loopback**"):
+        assert heading in md
