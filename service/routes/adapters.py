@@ -124,7 +124,8 @@ def adapter_response(result: Result, fmt: str, *, head: bool = False) -> Respons
     data = result.data
     if fmt == "safetensors":
         length, name, etag = len(data), f"{result.adapter_id}.safetensors", f'"{result.adapter_id}"'
-        body = (data[i : i + CHUNK] for i in range(0, len(data), CHUNK))
+        view = memoryview(data)  # pieces without copies: an adapter is ~14 MB
+        body = (view[i : i + CHUNK] for i in range(0, len(data), CHUNK))
     else:
         config = adapter_config_json(json.loads(read_safetensors_metadata(data)["adapter_config"]))
         length, name, etag = tar_size(len(config), len(data)), f"{result.adapter_id}.tar", f'"{result.adapter_id}-tar"'
