@@ -87,12 +87,14 @@ def _corruptions(r, key: str, other_key: str, rng: random.Random) -> str:
     if raw is None or other is None:
         return "absent"
     kind = rng.choice(["flip", "truncate", "garbage", "magic", "length", "moved"])
+    if kind == "flip" and len(raw) < HEADER.size + 8:  # already cut short: nothing left to flip
+        kind = "garbage"
     if kind == "flip":
-        r.setrange(key, rng.randrange(HEADER.size, len(raw)), bytes([rng.randrange(256)]) * 4)
+        r.setrange(key, rng.randrange(HEADER.size, len(raw) - 4), bytes([rng.randrange(256)]) * 4)
     elif kind == "truncate":
         r.set(key, raw[: rng.randrange(len(raw))])
     elif kind == "garbage":
-        r.set(key, rng.randbytes(len(raw)))
+        r.set(key, rng.randbytes(max(len(raw), 64)))
     elif kind == "magic":
         r.set(key, b"XXXX" + raw[4:])
     elif kind == "length":
