@@ -131,14 +131,17 @@ def markdown(r: dict) -> str:
         lines += ["", f"**HTTP on loopback** (`loragen serve`, Redis cache, max_batch_size {h['batch_size']}, "
                   f"{h['concurrency']} closed-loop httpx clients unless said; float32 output; requests/s median "
                   f"[min–max] over {h['runs']} runs; latency over all runs' requests):", "",
-                  "| compute | what | n×runs | requests/s | p50 ms | p95 ms | p99 ms | vs in-process | other cores |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| compute | what | n×runs | requests/s | p50 ms | p95 ms | p99 ms | vs in-process | "
+                  "CPU ms/request: server / Redis / clients | other cores |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
 
         def hrow(dn, what, x, ratio=None):
             lo, hi = x["per_s_range"]
+            cpu = x.get("cpu_ms_per_request", {})
+            cpu_s = " / ".join(_f(cpu.get(k), ".1f") for k in ("server", "redis", "client"))
             return (f"| {dn} | {what} | {x['n']}×{x['runs']} | {x['per_s']:.2f} [{lo:.2f}–{hi:.2f}] | {x['p50_ms']:.1f} | "
                     f"{x['p95_ms']:.1f} | {x['p99_ms']:.1f} | {'–' if ratio is None else f'{100 * ratio:.0f}%'} | "
-                    f"{_load(x['other_load_cores'])} |")
+                    f"{cpu_s} | {_load(x['other_load_cores'])} |")
 
         for dn, row in h["dtypes"].items():
             lines.append(hrow(dn, "in-process pool (no HTTP, no cache)", row["in_process"]))

@@ -9,7 +9,9 @@ assets.py, Redis cache, max_batch_size B, max_wait_ms 5) and, in this process, N
                      no HTTP and no cache: HTTP miss throughput / this = the serving overhead
 Then, once, cache hits: POST of inputs already cached (X-Cache: hit) at concurrency 1 and N, against
 `redis-benchmark -t set,get -d SIZE` on the same Redis with the cache entry's size, at the same concurrencies.
-Latency is from sending the request to having read the last byte of the body. Throughput = requests / wall
+Latency is from sending the request to having read the last byte of the body. CPU per request: CPU time
+the server process, Redis (when it is ours) and this process (the clients) used during a run, / requests:
+where the time goes, and a measure that contention distorts much less than wall time. Throughput = requests / wall
 time of a run; each row is `--http-runs` runs of fresh, distinct inputs (median [min–max]); latency
 percentiles pool the requests of all runs. The clients share the machine's cores with the server.
 """
@@ -87,6 +89,15 @@ class Redis:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+def cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process `pid` has used so far, or None if it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _chunks(it, n):
@@ -196,13 +207,17 @@ def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
         wj, jj = make_jobs(warm, gen, dn, f"w{i}"), make_jobs(items, gen, dn, f"r{i}")
         if args.wait is not None:
             args.wait()
+        c0 = time.process_time()
         with OtherLoad() as load:
             out = asyncio.run(pool_run(gen, wj, jj, max_batch_size=args.http_batch, max_wait_ms=5.0,
                                        concurrency=args.http_concurrency))
+        out["cpu_ms_per_request"] = {"server": 1e3 * (time.process_time() - c0) / args.http_n}
         out["other_load_cores"] = load.cores
         runs.append(out)
     del gen
-    return summarise_runs(runs, args.http_n)
+    row = summarise_runs(runs, args.http_n)
+    row["cpu_ms_per_request"] = {"server": stats([r["cpu_ms_per_request"]["server"] for r in runs])["median"]}
+    return row
 
 
 def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, concurrency: int,
@@ -214,11 +229,20 @@ def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, 
         reqs = make_requests(i)
         if args.wait is not None:
             args.wait()
+        cpu0 = {"server": cpu_s(server.proc.pid), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
+                "client": time.process_time()}
         with OtherLoad([server.proc.pid, *redis.pids]) as load:
             out = asyncio.run(closed_loop(server.url, reqs, concurrency, expect))
+        cpu1 = {"server": cpu_s(server.proc.pid), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
+                "client": time.process_time()}
+        out["cpu_ms_per_request"] = {k: None if cpu0[k] is None or cpu1[k] is None else 1e3 * (cpu1[k] - cpu0[k]) / n
+                                     for k in cpu0}
         out["other_load_cores"] = load.cores
         runs.append(out)
     row = summarise_runs(runs, n)
+    row["cpu_ms_per_request"] = {k: stats([r["cpu_ms_per_request"][k] for r in runs])["median"]
+                                 if runs[0]["cpu_ms_per_request"][k] is not None else None
+                                 for k in runs[0]["cpu_ms_per_request"]}
     print(f"  http {label:34s} {row['per_s']:8.2f}/s [{row['per_s_range'][0]:.2f}–{row['per_s_range'][1]:.2f}] "
           f"p50 {row['p50_ms']:7.1f} p95 {row['p95_ms']:7.1f} p99 {row['p99_ms']:7.1f} ms | other procs' cores "
           f"{row['other_load_cores']}", flush=True)
