@@ -12,6 +12,7 @@ import random
 import socket
 import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -26,13 +27,29 @@ from tests.service_server import ServiceProcess
 from tests.test_service import ckpt_dir  # noqa: F401  (the checkpoint fixture)
 
 
-@pytest.fixture
-def on_redis(ckpt_dir, redis_server, redis_prefix, tmp_path):  # noqa: F811
+@pytest.fixture(scope="module")
+def redis_prefix_module(redis_server):
+    prefix = f"test:{uuid.uuid4().hex}:"
+    yield prefix
+    redis_server.reset()
+    redis_server.delete_prefix(prefix)
+
+
+@pytest.fixture(scope="module")
+def on_redis(ckpt_dir, redis_server, redis_prefix_module, tmp_path_factory):  # noqa: F811
+    """One service on Redis for every fault here (each test brings Redis back to normal when it ends)."""
     redis_server.require_managed("fault injection on Redis")
-    env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix, "LORAGEN_REDIS_TIMEOUT_S": "0.5"}
-    proc = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "serve.log", env)
+    env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix_module,
+           "LORAGEN_REDIS_TIMEOUT_S": "0.5"}
+    proc = ServiceProcess({"tiny": ckpt_dir}, tmp_path_factory.mktemp("faults") / "serve.log", env)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _redis_back_to_normal(redis_server):
+    yield
+    redis_server.reset()
 
 
 def _clean(result) -> None:
@@ -46,8 +63,8 @@ def test_redis_killed_and_restarted_mid_load(on_redis, redis_server):
 
     async def scenario():
         await w.warm()
-        load = asyncio.create_task(w.run(clients=8, duration_s=6))
-        await at(1.5, redis_server.kill)  # SIGKILL: no shutdown, every connection cut
+        load = asyncio.create_task(w.run(clients=8, duration_s=4.5))
+        await at(1.0, redis_server.kill)  # SIGKILL: no shutdown, every connection cut
         await at(1.5, redis_server.start)  # back, empty (no persistence)
         return await load, await until_ready(on_redis.url), await hot_hit_again(w)
 
@@ -104,7 +121,7 @@ def _corruptions(r, key: str, other_key: str, rng: random.Random) -> str:
     return kind
 
 
-def test_corrupt_entries_are_never_served_under_load(on_redis, redis_server, redis_prefix):
+def test_corrupt_entries_are_never_served_under_load(on_redis, redis_server, redis_prefix_module):
     w = Workload(on_redis.url, n_hot=6, miss_ratio=0.1, label="corrupt")
     stop = threading.Event()
     done: list[str] = []
@@ -112,7 +129,7 @@ def test_corrupt_entries_are_never_served_under_load(on_redis, redis_server, red
     def corrupt_continuously():
         rng = random.Random(7)
         r = redis_server.client()
-        keys = [f"{redis_prefix}adapter:{w.ids[t]}" for t in w.hot]
+        keys = [f"{redis_prefix_module}adapter:{w.ids[t]}" for t in w.hot]
         while not stop.is_set():
             a, b = rng.sample(keys, 2)
             done.append(_corruptions(r, a, b, rng))
@@ -123,7 +140,7 @@ def test_corrupt_entries_are_never_served_under_load(on_redis, redis_server, red
         t = threading.Thread(target=corrupt_continuously)
         t.start()
         try:
-            return await w.run(clients=8, duration_s=5)
+            return await w.run(clients=8, duration_s=4)
         finally:
             stop.set()
             t.join()
@@ -134,15 +151,15 @@ def test_corrupt_entries_are_never_served_under_load(on_redis, redis_server, red
     _clean(result)
 
 
-def test_an_entry_filed_under_another_id_is_not_served(on_redis, redis_server, redis_prefix):
+def test_an_entry_filed_under_another_id_is_not_served(on_redis, redis_server, redis_prefix_module):
     """A whole, self-consistent entry copied under another adapter's id (a bug elsewhere, an operator's
     mistake) passes a check of the payload alone: the check binds the id too."""
     c = httpx.Client(base_url=on_redis.url, timeout=60)
     a = c.post("/generate", json={"task": "adapter a"})
     b = c.post("/generate", json={"task": "adapter b"})
     r = redis_server.client()
-    key_b = f"{redis_prefix}adapter:{b.headers['x-adapter-id']}"
-    r.set(key_b, r.get(f"{redis_prefix}adapter:{a.headers['x-adapter-id']}"))
+    key_b = f"{redis_prefix_module}adapter:{b.headers['x-adapter-id']}"
+    r.set(key_b, r.get(f"{redis_prefix_module}adapter:{a.headers['x-adapter-id']}"))
     got = c.get(f"/v1/adapters/{b.headers['x-adapter-id']}")
     assert got.status_code == 404 and got.content != a.content
     assert not r.exists(key_b)  # dropped
