@@ -141,10 +141,10 @@ def soak(ckpt: Path, tmp: Path, clients: int, duration_s: float, warmup_s: float
         load_before = os.getloadavg()
         warm, result = asyncio.run(run())
         rss = [m for _, m in samples]
-        return {"clients": clients, "duration_s": duration_s, "warmup_s": warmup_s, "miss_ratio": 0.1,
+        return {"clients": clients, "sending_s": duration_s, "warmup_s": warmup_s, "miss_ratio": 0.1,
                 "warmup": warm.summary(), **result.summary(),
                 "rss_mib": {"first": rss[0], "last": rss[-1], "max": max(rss), "growth": round(rss[-1] - rss[0], 1),
-                            "samples": samples},
+                            "growth_second_half": round(rss[-1] - rss[len(rss) // 2], 1), "samples": samples},
                 "loadavg_before": [round(x, 2) for x in load_before],
                 "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
     finally:
@@ -350,11 +350,14 @@ def markdown(r: dict) -> str:
         f"| requests sent (soak + faults) | {r['totals']['requests']} |",
         f"| errors (non-retryable answers, transport errors) | {r['totals']['errors']} |",
         f"| corrupt bodies served | {r['totals']['corrupt_served']} |",
-        f"| soak: {s['clients']} clients × {s['duration_s']:g} s | {s['requests']} requests, {s['hits']} hits / "
+        f"| soak: {s['clients']} clients sending for {s['sending_s']:g} s (last answer at {s['duration_s']:g} s) | "
+        f"{s['requests']} requests, {s['hits']} hits / "
         f"{s['misses']} misses, {s['errors']} errors, {s['requests_per_s']} req/s |",
-        f"| soak latency p50 / p99 | {s['p50_ms']} ms / {s['p99_ms']} ms |",
+        f"| soak latency p50 / p99, all answers | {s['p50_ms']} ms / {s['p99_ms']} ms |",
+        f"| soak latency p50 / p99, cache hits | {s['hit_p50_ms']} ms / {s['hit_p99_ms']} ms |",
         f"| soak resident memory (first → last sample, max) | {s['rss_mib']['first']} → {s['rss_mib']['last']} MiB "
-        f"(growth {s['rss_mib']['growth']:+} MiB, max {s['rss_mib']['max']}) |",
+        f"(growth {s['rss_mib']['growth']:+} MiB, {s['rss_mib']['growth_second_half']:+} MiB in the second half; max "
+        f"{s['rss_mib']['max']}) |",
         f"| faults injected / survived / recovered by themselves | {len(faults)} / "
         f"{sum(f['survived'] for f in faults)} / {sum(f['recovered'] for f in faults)} |",
         f"| hostile inputs tried / refused as required | {h['tried']} / {h['refused_as_required']} "

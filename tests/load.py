@@ -39,16 +39,17 @@ class LoadResult:
     retryable: Counter = field(default_factory=Counter)  # status -> count
     errors: Counter = field(default_factory=Counter)  # what went wrong -> count
     latencies_s: list[float] = field(default_factory=list)  # of ok answers
-    duration_s: float = 0.0
+    hit_latencies_s: list[float] = field(default_factory=list)  # of ok answers served from the cache
+    duration_s: float = 0.0  # until the last answer (clients finish the request in hand after the deadline)
 
     @property
     def n_errors(self) -> int:
         return sum(self.errors.values())
 
-    def percentile_ms(self, q: float) -> float | None:
-        if not self.latencies_s:
+    def percentile_ms(self, q: float, which: str = "all") -> float | None:
+        xs = sorted({"all": self.latencies_s, "hit": self.hit_latencies_s}[which])
+        if not xs:
             return None
-        xs = sorted(self.latencies_s)
         return 1000 * xs[min(len(xs) - 1, int(q / 100 * len(xs)))]
 
     def summary(self) -> dict:
@@ -57,6 +58,7 @@ class LoadResult:
             "retryable": dict(sorted(self.retryable.items())), "errors": self.n_errors,
             "error_kinds": dict(self.errors.most_common(10)), "corrupt_served": self.corrupt,
             "p50_ms": _round(self.percentile_ms(50)), "p99_ms": _round(self.percentile_ms(99)),
+            "hit_p50_ms": _round(self.percentile_ms(50, "hit")), "hit_p99_ms": _round(self.percentile_ms(99, "hit")),
             "duration_s": round(self.duration_s, 1),
             "requests_per_s": round(self.sent / self.duration_s, 1) if self.duration_s else None,
         }
@@ -127,6 +129,7 @@ class Workload:
                     result.latencies_s.append(elapsed)
                     if r.headers.get("x-cache") == "hit":
                         result.hits += 1
+                        result.hit_latencies_s.append(elapsed)
                     else:
                         result.misses += 1
                 elif r.status_code in RETRYABLE and (r.status_code == 504 or "retry-after" in r.headers):
