@@ -1,0 +1,113 @@
+"""Build the demo bundle end to end from one seed: `loragen train demo --out DIR`.
+
+    DIR/suite.json          the task suite (tasks, description split, examples, documents)
+    DIR/base/               the tiny Llama base model (Hugging Face format), pretrained on instructions
+    DIR/library/<task>/     oracle PEFT LoRA per task; library/_multitask/ the multi-task baseline
+    DIR/t2l-recon/          T2L trained by reconstruction of the library (native checkpoint)
+    DIR/t2l-sft/            T2L trained end to end through the base model (native checkpoint; served)
+    DIR/eval/               quality.md, quality.json, adapters.png (`loragen eval DIR`)
+    DIR/build.json          the settings this bundle was built with, and each stage's time
+Each stage writes train_log.json and loss.png next to its weights. A stage whose output exists is
+skipped, and every training loop resumes from its last periodic checkpoint, so an interrupted build
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from generator.train.loop import LoopConfig
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Every size and step count of a build. `scaled_down()` is the test-sized version."""
+
+    seed: int = 0
+    n_train_examples: int = 400
+    n_eval_examples: int = 50
+    base: LoopConfig = LoopConfig(steps=2000, lr=3e-3, warmup=100, ckpt_every=200, log_every=25)
+    base_size: dict = field(default_factory=lambda: {"hidden": 128, "layers": 4, "heads": 4, "intermediate": 384,
+                                                     "batch_size": 32, "pack": 4})
+    lora: LoopConfig = LoopConfig(steps=80, lr=5e-3, warmup=10, ckpt_every=0, log_every=10)
+    multitask: LoopConfig = LoopConfig(steps=160, lr=5e-3, warmup=10, ckpt_every=0, log_every=10)
+    recon: LoopConfig = LoopConfig(steps=1500, lr=1e-3, warmup=50, ckpt_every=500, log_every=25)
+    sft: LoopConfig = LoopConfig(steps=1200, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
+    hyper: dict = field(default_factory=lambda: {"latent": 64, "head_in": 128})
+
+    @classmethod
+    def scaled_down(cls, seed: int = 0) -> DemoConfig:
+        quick = dict(ckpt_every=0, log_every=5, progress=False, seed=seed)
+        return cls(seed=seed, n_train_examples=60, n_eval_examples=12,
+                   base=LoopConfig(steps=60, lr=3e-3, warmup=10, **quick),
+                   base_size={"hidden": 32, "layers": 2, "heads": 2, "intermediate": 64, "batch_size": 16, "pack": 2},
+                   lora=LoopConfig(steps=15, lr=1e-2, warmup=2, **quick),
+                   multitask=LoopConfig(steps=15, lr=1e-2, warmup=2, **quick),
+                   recon=LoopConfig(steps=40, lr=2e-3, warmup=5, **quick),
+                   sft=LoopConfig(steps=40, lr=2e-3, warmup=5, **quick),
+                   hyper={"latent": 16, "head_in": 32})
+
+    def with_seed(self, seed: int) -> DemoConfig:
+        from dataclasses import replace
+
+        stages = {k: replace(getattr(self, k), seed=seed) for k in ("base", "lora", "multitask", "recon", "sft")}
+        return replace(self, seed=seed, **stages)
+
+
+def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate: bool = True, progress: bool = True) -> dict:
+    from generator.eval.quality import Bundle, run_eval
+    from generator.train.basemodel import pretrain_base
+    from generator.train.conditioning import EmbeddingTable, demo_hyper_config
+    from generator.train.lora import train_library
+    from generator.train.recon import train_recon
+    from generator.train.sft import train_sft
+    from generator.train.suite import Suite, build_suite
+
+    b = Bundle(Path(out_dir))
+    b.root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    times: dict[str, float] = {}
+
+    def stage(name: str, done: bool, fn) -> None:
+        if done:
+            return
+        if progress:
+            print(f"[{name}]", flush=True)
+        t0 = time.perf_counter()
+        fn()
+        times[name] = round(time.perf_counter() - t0, 1)
+
+    def loop(c: LoopConfig) -> LoopConfig:
+        from dataclasses import replace
+
+        return c if progress else replace(c, progress=False)
+
+    stage("suite", b.suite.exists(), lambda: build_suite(cfg.seed, cfg.n_train_examples, cfg.n_eval_examples).save(b.suite))
+    suite = Suite.load(b.suite)
+    stage("base", (b.base / "model.safetensors").exists(),
+          lambda: pretrain_base(suite, b.base, loop(cfg.base), **cfg.base_size))
+    stage("library", (b.library / "_multitask" / "adapter_model.safetensors").exists(),
+          lambda: train_library(b.base, suite, b.library, loop(cfg.lora), loop(cfg.multitask)))
+    config = demo_hyper_config(b.base, **cfg.hyper)
+    table = EmbeddingTable.for_suite(config.encoder, suite)
+    stage("recon", (b.recon / "model.safetensors").exists(),
+          lambda: train_recon(config, suite, b.library, b.recon, loop(cfg.recon), table=table))
+    stage("sft", (b.sft / "model.safetensors").exists(),
+          lambda: train_sft(config, suite, b.base, b.sft, loop(cfg.sft), table=table))
+    result = {}
+    if evaluate:
+        stage("eval", False, lambda: result.update(run_eval(b.root, progress=progress)))
+    build_file = b.root / "build.json"
+    if build_file.exists():  # a resumed build: keep the times of the stages done before
+        times = {**json.loads(build_file.read_text()).get("stage_seconds", {}), **times}
+    build = {"config": asdict(cfg), "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
+             "torch": torch.__version__,
+             "threads": torch.get_num_threads(), "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}"}
+    build_file.write_text(json.dumps(build, indent=1) + "\n")
+    return {"build": build, "eval": result}
+

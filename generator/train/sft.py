@@ -1,0 +1,66 @@
+"""SFT training (T2L): end to end through a frozen causal LM. The hypernetwork turns each sample's task
+description (or document) into a LoRA, the LoRA is applied functionally inside the LM's forward pass
+(forward hooks, see functional.py; the model is never re-wrapped), and the loss is the LM's cross-entropy
+on completion tokens only. Every batch mixes samples of many tasks, each with its own adapter.
+
+The heads of variant L start with their B columns at zero, so every generated adapter starts as a no-op
+(as a freshly initialised LoRA does) and training begins from the base model's own behaviour."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from generator.checkpoint import Checkpoint
+from generator.config import HyperConfig
+from generator.errors import InputError
+from generator.hypernet import HyperLoRA, build_hypernet
+from generator.train.basemodel import collate, completion_loss, load_base
+from generator.train.conditioning import EmbeddingTable
+from generator.train.functional import FunctionalLora
+from generator.train.loop import LoopConfig, train_loop
+from generator.train.suite import Suite
+
+
+def zero_b_heads(net: HyperLoRA) -> None:
+    """Zero the weights and biases that emit B in every variant-L head: generated adapters start as no-ops."""
+    c = net.config
+    if c.variant != "L":
+        raise InputError(f"SFT from a no-op start needs variant L, got {c.variant}")
+    with torch.no_grad():
+        for m in c.modules:
+            head = net.heads[m.name]
+            head.weight[c.r * m.d_in:].zero_()
+            head.bias[c.r * m.d_in:].zero_()
+
+
+def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: str | Path, cfg: LoopConfig, *,
+              batch_size: int = 32, pack: int = 2, document_share: float = 0.3, table: EmbeddingTable | None = None) -> dict:
+    """Train on the suite's seen tasks; conditioning is a training description, or with probability
+    `document_share` a training document (so documents work as input too)."""
+    model, codec = load_base(base_dir)
+    tasks = suite.seen
+    table = table or EmbeddingTable.for_suite(config.encoder, suite)
+    torch.manual_seed(cfg.seed)
+    net = build_hypernet(config)
+    zero_b_heads(net)
+    lora = FunctionalLora(model, config.target_modules, config.scaling)
+
+    def loss_at(step, rng):
+        texts, seqs = [], []
+        for _ in range(batch_size):
+            t = rng.choice(tasks)
+            pool = suite.train_documents[t] if rng.random() < document_share else suite.train_descriptions[t]
+            texts.append(rng.choice(pool))
+            seqs.append(codec.sequence([rng.choice(suite.train_examples[t]) for _ in range(pack)]))
+        with lora.use(net(table(texts))):
+            return completion_loss(model, *collate(seqs))
+
+    try:
+        log = train_loop(net, loss_at, cfg, out_dir, name="T2L SFT",
+                         extra_log={"tasks": tasks, "document_share": document_share})
+    finally:
+        lora.remove()
+    Checkpoint.from_module(net, source=str(out_dir)).save(out_dir)
+    return log

@@ -1,0 +1,219 @@
+"""Training and evaluation: the demo suite, the training loop, functional LoRA vs PEFT, and a scaled-down
+build of the whole demo bundle (base, library, reconstruction, SFT, evaluation)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from generator.train.basemodel import Codec, base_config, build_tokenizer, canonical, collate, completion_loss, greedy, prompt
+from generator.train.functional import FunctionalLora, read_peft, stack
+from generator.train.loop import LoopConfig, train_loop
+from generator.train.suite import FRAMES, TASKS, build_suite
+
+
+def test_suite_meets_the_spec_and_is_reproducible(tmp_path):
+    suite = build_suite(seed=3, n_train=40, n_eval=10)
+    assert len(suite.tasks) >= 30 and len(suite.held_out) >= 8
+    assert set(suite.held_out) <= set(suite.tasks)
+    for t in TASKS:
+        train, ev = suite.train_descriptions[t.name], suite.eval_descriptions[t.name]
+        assert len(set(train) | set(ev)) >= 20 and len(set(train) | set(ev)) == len(train) + len(ev)
+        assert not set(train) & set(ev)
+        # evaluation paraphrases use core phrasings that no training description contains
+        train_cores = {p for p in t.phrasings if any(p in d.lower() for d in train)}
+        assert all(not any(p in d.lower() for p in train_cores) for d in ev)
+        for x, y in suite.train_examples[t.name] + suite.eval_examples[t.name]:
+            assert t.fn(x) == y and y
+    assert len(FRAMES) * 6 >= 20
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    suite.save(a)
+    build_suite(seed=3, n_train=40, n_eval=10).save(b)
+    assert a.read_bytes() == b.read_bytes()
+    assert build_suite(seed=4, n_train=40, n_eval=10).train_examples != suite.train_examples
+
+
+def test_tokenizer_has_word_tokens_for_instructions_and_one_token_per_data_character():
+    codec = Codec(build_tokenizer(["Reverse the word", "Reverse the letters"] * 20))
+    ids, mask = codec.sequence([("abc", "c ba")], "Reverse the word.")
+    tokens = codec.tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:5] == ["<s>", "Reverse", "the", "word", "."]  # words learned from the corpus
+    assert tokens[5:] == ["\n", "In", ":", "a", "b", "c", "\n", "Out", ":", "c", "b", "a", "\n"]
+    assert [t for t, m in zip(tokens, mask, strict=True) if m] == ["c", "b", "a", "\n"]  # loss on the completion only
+    assert canonical("c b a") == canonical("cba") == "cba"
+
+
+def _tiny_model(seed: int = 0):
+    from transformers import LlamaForCausalLM
+
+    tok = build_tokenizer()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(base_config(len(tok), hidden=32, layers=2, heads=2, intermediate=64)).eval()
+    return model, Codec(tok)
+
+
+def test_functional_lora_equals_peft(tmp_path):
+    """What the hooks compute (used by SFT and evaluation) is what PEFT computes for a loaded adapter."""
+    from peft import PeftModel, get_peft_model
+
+    from generator.train.functional import peft_scaling
+    from generator.train.lora import lora_config
+
+    model, codec = _tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, lora_config())
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # B is zero at init: make the adapter do something
+    peft_model.save_pretrained(tmp_path / "ad")
+
+    from transformers import LlamaForCausalLM
+
+    ids, _ = collate([codec.sequence([("hello", "x")]), codec.sequence([("ab", "yz")], "Do it.")])
+    base = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    plain = base(input_ids=ids).logits
+    loaded = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "ad").eval()
+    expected = loaded(input_ids=ids).logits
+    lora = FunctionalLora(base, ["q_proj", "v_proj"], peft_scaling(tmp_path / "ad"))
+    ab = read_peft(tmp_path / "ad", ["q_proj", "v_proj"], 2)
+    with lora.use(ab):
+        got = base(input_ids=ids).logits
+    with lora.use(stack([ab, ab])):  # per-sample adapters: the same adapter twice
+        got_batched = base(input_ids=ids).logits
+    assert (expected - plain).abs().max() > 1e-3  # the adapter changes the output
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_batched, expected, atol=1e-5, rtol=1e-5)
+    lora.remove()
+    torch.testing.assert_close(base(input_ids=ids).logits, plain)  # hooks gone: the base model is untouched
+
+
+def test_greedy_decoding_with_left_padding_matches_one_by_one():
+    model, codec = _tiny_model(2)
+    prompts = [prompt("abcdef"), prompt("xy", "Reverse the word.")]
+    batched = greedy(model, codec, prompts, max_new=6)
+    assert batched == [greedy(model, codec, [p], max_new=6)[0] for p in prompts]
+
+
+def test_training_loop_resumes_exactly(tmp_path):
+    """A run interrupted after a periodic checkpoint and resumed ends with the same weights as one that
+    never stopped: batches come from (seed, step), and the optimiser state is restored."""
+
+    def run(out, stop_at=None):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+        def loss_at(step, rng: random.Random):
+            if stop_at is not None and step == stop_at:
+                raise KeyboardInterrupt
+            x = torch.tensor([[rng.random() for _ in range(4)] for _ in range(8)])
+            return ((net(x).squeeze(-1) - x.sum(-1)) ** 2).mean()
+
+        cfg = LoopConfig(steps=30, lr=1e-2, warmup=2, ckpt_every=10, log_every=5, progress=False)
+        try:
+            log = train_loop(net, loss_at, cfg, out)
+        except KeyboardInterrupt:
+            return None, None
+        return net, log
+
+    straight, log = run(tmp_path / "a")
+    assert log["loss"][-1] < log["loss"][0]
+    assert (tmp_path / "a" / "loss.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "a" / "train_log.json").read_text())["step"][-1] == 30
+    assert run(tmp_path / "b", stop_at=25) == (None, None)
+    assert (tmp_path / "b" / "train_state.pt").exists()
+    resumed, log_b = run(tmp_path / "b")
+    assert log_b["resumed_from"] == 20
+    for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    assert not (tmp_path / "b" / "train_state.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def mini_bundle(tmp_path_factory):
+    """The whole demo build, scaled down to well under a minute."""
+    from generator.train.demo import DemoConfig, build_demo
+
+    out = tmp_path_factory.mktemp("bundle")
+    result = build_demo(out, DemoConfig.scaled_down(seed=0), evaluate=False, progress=False)
+    return out, result
+
+
+@pytest.mark.slow
+def test_scaled_down_build_lowers_every_loss_and_writes_artifacts(mini_bundle):
+    out, _ = mini_bundle
+    for stage in ("base", "library/reverse", "library/first_char", "t2l-recon", "t2l-sft"):
+        log = json.loads((out / stage / "train_log.json").read_text())
+        assert log["loss"][-1] < log["loss"][0], stage
+        assert (out / stage / "loss.png").exists()
+    # the multi-task LoRA cannot know which task a prompt wants: its loss need not fall in a few steps
+    assert (out / "library" / "_multitask" / "adapter_model.safetensors").exists()
+    for stage in ("t2l-recon", "t2l-sft"):
+        from generator.checkpoint import load_checkpoint
+
+        ck = load_checkpoint(out / stage)
+        assert ck.config.base_model == "loragen/demo-base" and ck.config.target_modules == ["q_proj", "v_proj"]
+    build = json.loads((out / "build.json").read_text())
+    assert set(build["stage_seconds"]) == {"suite", "base", "library", "recon", "sft"}
+
+
+@pytest.mark.slow
+def test_trained_hypernetwork_beats_the_untrained_one_on_a_seen_task(mini_bundle):
+    """Adapters from the trained T2L give a lower completion loss on a seen task (described in unseen
+    words) than those of the same hypernetwork before training."""
+    from generator.checkpoint import load_checkpoint
+    from generator.hypernet import build_hypernet
+    from generator.train.basemodel import load_base
+    from generator.train.conditioning import EmbeddingTable
+    from generator.train.sft import zero_b_heads
+    from generator.train.suite import Suite
+
+    out, _ = mini_bundle
+    suite = Suite.load(out / "suite.json")
+    model, codec = load_base(out / "base")
+    trained = load_checkpoint(out / "t2l-sft")
+    torch.manual_seed(0)
+    untrained = build_hypernet(trained.config)
+    zero_b_heads(untrained)
+    lora = FunctionalLora(model, trained.config.target_modules, trained.config.scaling)
+    task = suite.seen[0]
+    table = EmbeddingTable(trained.config.encoder, suite.eval_descriptions[task])
+    seqs = [codec.sequence([pair]) for pair in suite.eval_examples[task]]
+    ids, mask = collate(seqs)
+
+    def loss_with(net):
+        emb = table(suite.eval_descriptions[task][:1]).expand(len(seqs), -1)
+        with torch.no_grad(), lora.use(net.eval()(emb)):
+            return completion_loss(model, ids, mask).item()
+
+    assert loss_with(trained.build()) < loss_with(untrained)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["eval", "/nonexistent/bundle"], "not a demo bundle"),
+    (["train", "base", "--suite", "/nonexistent/suite.json", "--out", "OUT"], "suite /nonexistent/suite.json not found"),
+    (["train", "sft", "--suite", "SUITE", "--base", "/nonexistent", "--out", "OUT"],
+     "base model /nonexistent has no config.json"),
+    (["train", "base", "--suite", "SUITE", "--out", "OUT", "--steps", "0"], "--steps and --batch-size must be positive"),
+    (["train", "lora", "--suite", "SUITE", "--base", "BASE", "--task", "no_such_task", "--out", "OUT"], "unknown tasks"),
+])
+def test_train_and_eval_cli_errors_are_one_line(argv, needle, tmp_path, capsys):
+    from transformers import LlamaForCausalLM
+
+    from service.cli import main
+
+    build_suite(0, n_train=5, n_eval=2).save(tmp_path / "suite.json")
+    if "BASE" in argv:
+        model, codec = _tiny_model()
+        model.save_pretrained(tmp_path / "base")
+        codec.tokenizer.save_pretrained(tmp_path / "base")
+        assert LlamaForCausalLM.from_pretrained(tmp_path / "base") is not None
+    capsys.readouterr()  # setup's own output
+    subst = {"SUITE": str(tmp_path / "suite.json"), "BASE": str(tmp_path / "base"), "OUT": str(tmp_path / "out")}
+    assert main([subst.get(a, a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
