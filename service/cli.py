@@ -1,4 +1,4 @@
-"""`loragen` command line: serve | worker | generate | inspect | convert | bench.
+"""`loragen` command line: serve | worker | generate | inspect | convert | train | eval | bench.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
 a command runs, so `loragen --help` is instant.
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     # every argument after `bench` goes to the suite (main() hands them over before parsing): `loragen bench --help`
     sub.add_parser("bench", add_help=False,
                    help="run the benchmark suite of a source checkout: JSON + markdown report (see `loragen bench --help`)")
+
+    from generator.train.commands import add_parsers  # argparse only: nothing heavy is imported
+
+    add_parsers(sub)
     return p
 
 
@@ -254,6 +258,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train():
+    from generator.train import commands
+
+    return commands
+
+
 def _read_text(path: str) -> str:
     from generator.errors import InputError
 
@@ -284,7 +294,8 @@ def _read_embedding(path: str):
     return next(iter(tensors.values()))
 
 
-COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert}
+COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert,
+            "train": lambda args: _train().cmd_train(args), "eval": lambda args: _train().cmd_eval(args)}
 
 if __name__ == "__main__":
     sys.exit(main())

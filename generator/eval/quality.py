@@ -1,0 +1,342 @@
+"""Quality of generated adapters on the demo suite: exact-match accuracy with 95% intervals, adapter
+geometry in delta-W space, and a map of the adapters.
+
+Every row is evaluated on seen tasks (with descriptions in words never used in training) and on held-out
+tasks (never shown to the hypernetwork), with no instruction in the prompt unless the row says so.
+Adapters are applied with `FunctionalLora` (what PEFT computes, checked in the tests); example i of a task
+is conditioned on that task's i-th evaluation description (or document), round robin.
+
+Delta-W geometry never builds a d_out×d_in matrix: for adapters k and l, per layer and module,
+    <ΔW_k, ΔW_l>_F = s² · Σ_{r,s} (B_kᵀ B_l)_{rs} (A_k A_lᵀ)_{rs}
+(r×r products), which gives every pairwise distance and, centred, the Gram matrix whose top eigenvectors
+are the PCA of the adapters' delta-W fingerprints.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from generator.checkpoint import load_checkpoint
+from generator.train.basemodel import canonical, greedy, load_base, prompt
+from generator.train.conditioning import EmbeddingTable
+from generator.train.functional import AB, FunctionalLora, read_peft
+from generator.train.lora import MULTITASK
+from generator.train.suite import Suite
+
+Z95 = 1.959964
+
+
+@dataclass(frozen=True)
+class Score:
+    correct: int
+    total: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.total if self.total else float("nan")
+
+    def interval(self) -> tuple[float, float]:
+        """Wilson score interval, 95%."""
+        n, p = self.total, self.accuracy
+        if not n:
+            return (float("nan"), float("nan"))
+        denom = 1 + Z95 ** 2 / n
+        centre = (p + Z95 ** 2 / (2 * n)) / denom
+        half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / denom
+        return (max(0.0, centre - half), min(1.0, centre + half))
+
+    def as_dict(self) -> dict:
+        lo, hi = self.interval()
+        return {"correct": self.correct, "total": self.total, "accuracy": self.accuracy, "ci95": [lo, hi]}
+
+
+# A row maps (task, its eval examples) to (prompts, adapters or None): the adapter of example i is row i.
+RowFn = Callable[[str, list[tuple[str, str]]], tuple[list[str], AB | None]]
+
+
+@dataclass
+class Bundle:
+    """Paths of a built demo bundle (see generator/train/demo.py)."""
+
+    root: Path
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def suite(self) -> Path:
+        return self.root / "suite.json"
+
+    @property
+    def library(self) -> Path:
+        return self.root / "library"
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "t2l-sft"
+
+    @property
+    def recon(self) -> Path:
+        return self.root / "t2l-recon"
+
+
+class Evaluator:
+    def __init__(self, bundle: Bundle, n_examples: int | None = None):
+        self.bundle = bundle
+        self.suite = Suite.load(bundle.suite)
+        self.model, self.codec = load_base(bundle.base)
+        self.sft = load_checkpoint(bundle.sft)
+        self.recon = load_checkpoint(bundle.recon) if (bundle.recon / "config.json").exists() else None
+        c = self.sft.config
+        self.modules, self.n_layers = c.target_modules, c.n_layers
+        self.lora = FunctionalLora(self.model, self.modules, c.scaling)
+        self.table = EmbeddingTable.for_suite(c.encoder, self.suite)
+        self.n_examples = n_examples
+        self._library: dict[str, AB] = {}
+        self._nets = {id(ck): ck.build() for ck in (self.sft, self.recon) if ck is not None}
+
+    # --- adapters -------------------------------------------------------------------------------------
+    def library(self, name: str) -> AB:
+        if name not in self._library:
+            self._library[name] = read_peft(self.bundle.library / name, self.modules, self.n_layers)
+        return self._library[name]
+
+    @torch.no_grad()
+    def generate(self, checkpoint, texts: list[str]) -> AB:
+        return self._nets[id(checkpoint)](self.table(texts))
+
+    def nearest_seen_task(self, texts: list[str]) -> list[str]:
+        """For each text, the seen task whose training description embeds closest (cosine)."""
+        names, descs = zip(*[(t, d) for t in self.suite.seen for d in self.suite.train_descriptions[t]], strict=True)
+        train = torch.nn.functional.normalize(self.table(list(descs)), dim=-1)
+        query = torch.nn.functional.normalize(self.table(texts), dim=-1)
+        return [names[i] for i in (query @ train.T).argmax(-1).tolist()]
+
+    # --- rows -----------------------------------------------------------------------------------------
+    def rows(self) -> dict[str, RowFn]:
+        s = self.suite
+
+        def cycle(pool: Sequence[str], n: int) -> list[str]:
+            return [pool[i % len(pool)] for i in range(n)]
+
+        def per_example(ab: AB, n: int) -> AB:
+            return {m: (a.expand(n, *a.shape[1:]), b.expand(n, *b.shape[1:])) for m, (a, b) in ab.items()}
+
+        def t2l(checkpoint, pool_of: Callable[[str], Sequence[str]]) -> RowFn:
+            return lambda task, ex: ([prompt(x) for x, _ in ex], self.generate(checkpoint, cycle(pool_of(task), len(ex))))
+
+        rows: dict[str, RowFn] = {
+            "base model, no instruction": lambda task, ex: ([prompt(x) for x, _ in ex], None),
+            "base model, instruction in prompt": lambda task, ex: (
+                [prompt(x, d) for (x, _), d in zip(ex, cycle(s.eval_descriptions[task], len(ex)), strict=True)], None),
+            "base model, instruction in prompt (training descriptions)": lambda task, ex: (
+                [prompt(x, d) for (x, _), d in zip(ex, cycle(s.train_descriptions[task], len(ex)), strict=True)], None),
+            "multi-task LoRA": lambda task, ex: ([prompt(x) for x, _ in ex], per_example(self.library(MULTITASK), len(ex))),
+            "oracle LoRA (per task)": lambda task, ex: ([prompt(x) for x, _ in ex], per_example(self.library(task), len(ex))),
+        }
+        if self.recon is not None:
+            rows["T2L reconstruction"] = t2l(self.recon, lambda task: s.eval_descriptions[task])
+        rows["T2L SFT"] = t2l(self.sft, lambda task: s.eval_descriptions[task])
+        rows["T2L SFT from documents"] = t2l(self.sft, lambda task: s.eval_documents[task])
+        rows["T2L SFT, unrelated description (control)"] = t2l(self.sft, lambda task: s.unrelated)
+
+        def nearest(task, ex):
+            picks = self.nearest_seen_task(cycle(s.eval_descriptions[task], len(ex)))
+            ads = [self.library(p) for p in picks]
+            return [prompt(x) for x, _ in ex], {m: (torch.cat([a[m][0] for a in ads]), torch.cat([a[m][1] for a in ads]))
+                                                 for m in self.modules}
+
+        rows["nearest training adapter (by description)"] = nearest
+        return rows
+
+    def score(self, fn: RowFn, task: str) -> tuple[Score, list[str]]:
+        ex = self.suite.eval_examples[task][: self.n_examples]
+        prompts, ab = fn(task, ex)
+        if ab is None:
+            outs = greedy(self.model, self.codec, prompts)
+        else:
+            with self.lora.use(ab):
+                outs = greedy(self.model, self.codec, prompts)
+        return Score(sum(canonical(o) == canonical(y) for o, (_, y) in zip(outs, ex, strict=True)), len(ex)), outs
+
+    def evaluate(self, rows: Sequence[str] | None = None, progress: bool = False) -> dict:
+        table = {}
+        fns = self.rows()
+        for name in rows or fns:
+            per_task = {t: self.score(fns[name], t)[0] for t in self.suite.tasks}
+            seen = _pool(per_task[t] for t in self.suite.seen)
+            held = _pool(per_task[t] for t in self.suite.held_out)
+            table[name] = {"seen": seen.as_dict(), "held_out": held.as_dict(),
+                           "per_task": {t: sc.accuracy for t, sc in per_task.items()}}
+            if progress:
+                print(f"  {name:45s} seen {seen.accuracy:6.1%}  held-out {held.accuracy:6.1%}", flush=True)
+        return table
+
+    # --- geometry -------------------------------------------------------------------------------------
+    def geometry(self) -> dict:
+        """Distances in delta-W space: every T2L SFT adapter (one per eval description) to its nearest
+        training adapter (the seen tasks' oracles), against the training adapters' own distances."""
+        s = self.suite
+        train = [self.library(t) for t in s.seen]
+        gen_tasks = [t for t in s.tasks for _ in s.eval_descriptions[t]]
+        gen_texts = [d for t in s.tasks for d in s.eval_descriptions[t]]
+        gen = self.generate(self.sft, gen_texts)
+        everything = _cat([*train, gen])
+        gram = delta_w_gram(everything, self.sft.config.scaling)
+        dist = distances(gram)
+        k = len(train)
+        tt = dist[:k, :k] + torch.diag(torch.full((k,), float("inf")))
+        nn_train = tt.min(dim=1).values  # each training adapter to its nearest other one
+        pairs = dist[:k, :k][torch.triu(torch.ones(k, k, dtype=torch.bool), 1)]
+        to_train = dist[k:, :k]
+        nearest_d, nearest_i = to_train.min(dim=1)
+        out = {"training_adapters": k, "generated_adapters": len(gen_tasks),
+               "train_pairwise": _summary(pairs), "train_nearest_neighbour": _summary(nn_train)}
+        for split, names in (("seen", s.seen), ("held_out", s.held_out)):
+            idx = [i for i, t in enumerate(gen_tasks) if t in names]
+            own = [s.seen[nearest_i[i]] == gen_tasks[i] for i in idx]
+            out[f"generated_{split}_to_nearest_train"] = _summary(nearest_d[idx])
+            if split == "seen":
+                out["generated_seen_nearest_is_own_oracle"] = sum(own) / len(own)
+        out["generated"] = [  # every generated adapter: its task, description, nearest training adapter
+            {"task": t, "description": d, "nearest_training_adapter": s.seen[i], "distance": round(dd, 5)}
+            for t, d, i, dd in zip(gen_tasks, gen_texts, nearest_i.tolist(), nearest_d.tolist(), strict=True)]
+        self._map = (gram, [*s.seen, *gen_tasks], k)
+        return out
+
+    def plot(self, path: str | Path) -> None:
+        """PCA (of the delta-W Gram matrix) of the training adapters and the generated ones, by task."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        if not hasattr(self, "_map"):
+            self.geometry()
+        gram, tasks, k = self._map
+        xy = gram_pca(gram, 2)
+        s = self.suite
+        colours = {t: plt.get_cmap("tab20" if i < 20 else "tab20b")(i % 20) for i, t in enumerate(s.tasks)}
+        fig, ax = plt.subplots(figsize=(8, 6.2), dpi=110)
+        for i, t in enumerate(tasks):
+            held = t in s.held_out
+            if i < k:
+                ax.scatter(*xy[i], s=90, marker="o", color=colours[t], edgecolors="black", linewidths=0.8, zorder=3)
+            else:
+                ax.scatter(*xy[i], s=22, marker="^" if held else ".", color=colours[t], alpha=0.8, zorder=2)
+        for t in s.tasks:  # label each task once, at the mean of its generated adapters
+            pts = torch.stack([xy[i] for i in range(k, len(tasks)) if tasks[i] == t]).mean(0)
+            ax.annotate(t + (" (held out)" if t in s.held_out else ""), pts.tolist(), fontsize=6.5,
+                        fontweight="bold" if t in s.held_out else "normal", alpha=0.9)
+        ax.set_title("Adapters by task: PCA of delta-W (Gram via r×r products)\n"
+                     "● oracle LoRA (training)   · T2L SFT from unseen descriptions   ▲ held-out task", fontsize=9)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.grid(alpha=0.25)
+        fig.tight_layout()
+        fig.savefig(path, metadata={"Software": None})
+        plt.close(fig)
+
+
+def _pool(scores) -> Score:
+    scores = list(scores)
+    return Score(sum(s.correct for s in scores), sum(s.total for s in scores))
+
+
+def _cat(adapters: Sequence[AB]) -> AB:
+    return {m: (torch.cat([a[m][0] for a in adapters]), torch.cat([a[m][1] for a in adapters])) for m in adapters[0]}
+
+
+def _summary(x: torch.Tensor) -> dict:
+    x = x.double()
+    return {"median": x.median().item(), "min": x.min().item(), "max": x.max().item(), "n": x.numel()}
+
+
+def delta_w_gram(ab: AB, scaling: float) -> torch.Tensor:
+    """(K, K) Frobenius inner products of the adapters' delta-W = scaling·B·A, summed over layers and
+    modules, through r×r products only: never a d_out×d_in matrix."""
+    k = next(iter(ab.values()))[0].shape[0]
+    gram = torch.zeros(k, k, dtype=torch.float64)
+    for a, b in ab.values():  # a (K, N, r, d_in), b (K, N, d_out, r)
+        a, b = a.double(), b.double()
+        for n in range(a.shape[1]):
+            ga = torch.einsum("kri,lsi->klrs", a[:, n], a[:, n])  # A_k A_lᵀ
+            gb = torch.einsum("kor,los->klrs", b[:, n], b[:, n])  # B_kᵀ B_l
+            gram += (ga * gb).sum(dim=(-1, -2))
+    return gram * scaling ** 2
+
+
+def distances(gram: torch.Tensor) -> torch.Tensor:
+    """Pairwise Frobenius distances from a Gram matrix."""
+    d = gram.diag()
+    return (d[:, None] + d[None, :] - 2 * gram).clamp_min(0).sqrt()
+
+
+def gram_pca(gram: torch.Tensor, dims: int = 2) -> torch.Tensor:
+    """Coordinates on the top principal components, from the Gram matrix (centred in feature space)."""
+    k = gram.shape[0]
+    h = torch.eye(k, dtype=gram.dtype) - 1.0 / k
+    vals, vecs = torch.linalg.eigh(h @ gram @ h)
+    top = vals.argsort(descending=True)[:dims]
+    return (vecs[:, top] * vals[top].clamp_min(0).sqrt()).float()
+
+
+def markdown(result: dict) -> str:
+    """The quality table and the geometry summary as markdown."""
+    lines = ["| adapter | seen tasks, unseen descriptions | held-out tasks |", "| --- | --- | --- |"]
+    for name, row in result["rows"].items():
+        cells = []
+        for split in ("seen", "held_out"):
+            r = row[split]
+            lo, hi = r["ci95"]
+            cells.append(f"{r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] (n={r['total']})")
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    out = "\n".join(lines) + "\n"
+    t = result.get("targets")
+    if t:
+        out += ("\nTargets (held-out tasks): T2L SFT / oracle = {ratio:.2f} (target ≥ 0.80); T2L SFT − multi-task "
+                "LoRA = {vs_multi:+.1f} points, T2L SFT − unrelated-description control = {vs_control:+.1f} points "
+                "(targets ≥ +10).\n").format(**t)
+    g = result.get("geometry")
+    if g:
+        out += ("\nDelta-W distances (Frobenius, via r×r products): training adapters pairwise median "
+                f"{g['train_pairwise']['median']:.3f} (nearest-neighbour median {g['train_nearest_neighbour']['median']:.3f}); "
+                f"generated → nearest training adapter, seen tasks median {g['generated_seen_to_nearest_train']['median']:.3f}, "
+                f"held-out tasks median {g['generated_held_out_to_nearest_train']['median']:.3f}; "
+                f"{g['generated_seen_nearest_is_own_oracle']:.0%} of seen-task generated adapters lie nearest their own "
+                "task's oracle.\n")
+    return out
+
+
+def targets(rows: dict) -> dict:
+    held = {name: row["held_out"]["accuracy"] for name, row in rows.items()}
+    sft = held["T2L SFT"]
+    return {"ratio": sft / held["oracle LoRA (per task)"] if held["oracle LoRA (per task)"] else float("nan"),
+            "vs_multi": 100 * (sft - held["multi-task LoRA"]),
+            "vs_control": 100 * (sft - held["T2L SFT, unrelated description (control)"])}
+
+
+def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_examples: int | None = None,
+             progress: bool = True) -> dict:
+    """Evaluate a bundle; write quality.json, quality.md and adapters.png into out_dir (default <bundle>/eval)."""
+    bundle = Bundle(Path(bundle_dir))
+    out = Path(out_dir) if out_dir else bundle.root / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    ev = Evaluator(bundle, n_examples)
+    rows = ev.evaluate(progress=progress)
+    result = {"suite_seed": ev.suite.seed, "tasks": len(ev.suite.tasks), "held_out": ev.suite.held_out,
+              "rows": rows, "targets": targets(rows), "geometry": ev.geometry()}
+    (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "quality.md").write_text(markdown(result))
+    ev.plot(out / "adapters.png")
+    return result
+
+
+__all__ = ["Bundle", "Evaluator", "Score", "delta_w_gram", "distances", "gram_pca", "markdown", "run_eval"]
