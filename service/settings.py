@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from generator import DEMO_CHECKPOINTS
+
 MiB = 1 << 20
 _HF_ALLOW = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -21,7 +23,9 @@ class Settings(BaseSettings):
 
     # what to serve: id -> source (local directory or hf://owner/repo[/sub][@rev]).
     # env: LORAGEN_CHECKPOINTS='{"mistral": "hf://..."}' or 'mistral=hf://...,demo=./bundle'
-    checkpoints: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    # default: the demo bundle shipped in the repository (a trained T2L for the tiny demo base model)
+    checkpoints: Annotated[dict[str, str], NoDecode] = Field(default_factory=lambda: {
+        cid: str(path) for cid, path in DEMO_CHECKPOINTS.items()})
     default_checkpoint: str | None = None  # None: the first one listed
     trust_remote_code: bool = False  # an encoder that ships code runs only with the operator's opt-in
 
@@ -113,8 +117,8 @@ class Settings(BaseSettings):
     def _parse_checkpoints(cls, value: object) -> object:
         if isinstance(value, str):
             text = value.strip()
-            if not text:
-                return {}
+            if not text:  # set but empty (compose's ${VAR:-}): the default, the demo bundle
+                return {cid: str(path) for cid, path in DEMO_CHECKPOINTS.items()}
             if text.startswith("{"):
                 return json.loads(text)
             return dict(parse_checkpoint_arg(item) for item in text.split(",") if item.strip())

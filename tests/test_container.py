@@ -43,10 +43,12 @@ def test_dockerfiles_run_as_non_root_with_healthcheck():
         assert 'ENTRYPOINT ["loragen", "serve"]' in text
 
 
-def test_entrypoint_without_checkpoint_is_one_clear_line():
-    """The image's entrypoint, `loragen serve`, outside Docker: no checkpoint named → exit 2, one line."""
+def test_entrypoint_with_a_missing_checkpoint_is_one_clear_line():
+    """The image's entrypoint, `loragen serve`, outside Docker, pointed at a checkpoint that is not there →
+    exit 2, one line. With nothing configured it serves the demo bundle (tests/test_demo_bundle.py)."""
     exe = Path(sys.executable).with_name("loragen")
-    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LORAGEN_HOST": "0.0.0.0", "LORAGEN_PORT": "8000"}
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LORAGEN_HOST": "0.0.0.0", "LORAGEN_PORT": "8000",
+           "LORAGEN_CHECKPOINTS": "demo=/checkpoints/demo"}
     out = subprocess.run([str(exe), "serve"], capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "--checkpoint" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "/checkpoints/demo" in out.stderr
