@@ -179,6 +179,24 @@ class Evaluator:
                 print(f"  {name:45s} seen {seen.accuracy:6.1%}  held-out {held.accuracy:6.1%}", flush=True)
         return table
 
+    def imitation(self) -> dict:
+        """On held-out tasks, how often the T2L SFT adapter does instead the seen task whose training
+        description is nearest to the one it was given (its output equals that task's answer)."""
+        from generator.train.suite import TASK_BY_NAME
+
+        fn = self.rows()["T2L SFT"]
+        per_task, hits, total = {}, 0, 0
+        for task in self.suite.held_out:
+            ex = self.suite.eval_examples[task][: self.n_examples]
+            descs = [self.suite.eval_descriptions[task][i % len(self.suite.eval_descriptions[task])] for i in range(len(ex))]
+            nearest = self.nearest_seen_task(descs)
+            _, outs = self.score(fn, task)
+            same = [canonical(o) == canonical(TASK_BY_NAME[n].fn(x)) for o, n, (x, _) in zip(outs, nearest, ex, strict=True)]
+            top = max(set(nearest), key=nearest.count)
+            per_task[task] = {"most_often_nearest": top, "does_nearest_task": sum(same) / len(same)}
+            hits, total = hits + sum(same), total + len(same)
+        return {"does_nearest_seen_task": hits / total if total else float("nan"), "per_task": per_task}
+
     # --- geometry -------------------------------------------------------------------------------------
     def geometry(self) -> dict:
         """Distances in delta-W space: every T2L SFT adapter (one per eval description) to its nearest
@@ -304,6 +322,11 @@ def markdown(result: dict) -> str:
         out += ("\nTargets (held-out tasks): T2L SFT / oracle = {ratio:.2f} (target ≥ 0.80); T2L SFT − multi-task "
                 "LoRA = {vs_multi:+.1f} points, T2L SFT − unrelated-description control = {vs_control:+.1f} points "
                 "(targets ≥ +10).\n").format(**t)
+    im = result.get("held_out_imitation")
+    if im:
+        pairs = ", ".join(f"{t} → {v['most_often_nearest']} {v['does_nearest_task']:.0%}" for t, v in im["per_task"].items())
+        out += (f"\nOn held-out tasks, {im['does_nearest_seen_task']:.1%} of T2L SFT answers are those of the seen task whose "
+                f"training description is nearest to the one given ({pairs}).\n")
     g = result.get("geometry")
     if g:
         out += ("\nDelta-W distances (Frobenius, via r×r products): training adapters pairwise median "
@@ -332,7 +355,7 @@ def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_exa
     ev = Evaluator(bundle, n_examples)
     rows = ev.evaluate(progress=progress)
     result = {"suite_seed": ev.suite.seed, "tasks": len(ev.suite.tasks), "held_out": ev.suite.held_out,
-              "rows": rows, "targets": targets(rows), "geometry": ev.geometry()}
+              "rows": rows, "targets": targets(rows), "held_out_imitation": ev.imitation(), "geometry": ev.geometry()}
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "quality.md").write_text(markdown(result))
     ev.plot(out / "adapters.png")
