@@ -65,11 +65,16 @@ def test_redis_killed_and_restarted_mid_load(on_redis, redis_server):
         await w.warm()
         load = asyncio.create_task(w.run(clients=8, duration_s=4.5))
         await at(1.0, redis_server.kill)  # SIGKILL: no shutdown, every connection cut
-        await at(1.5, redis_server.start)  # back, empty (no persistence)
-        return await load, await until_ready(on_redis.url), await hot_hit_again(w)
+        async with httpx.AsyncClient(base_url=on_redis.url, timeout=60) as c:  # meanwhile: served, uncached
+            during = await c.post("/generate", json={"task": w.hot[1]})
+            ready_during = (await c.get("/ready")).json()["status"]
+        await at(0.5, redis_server.start)  # back, empty (no persistence)
+        return await load, during, ready_during, await until_ready(on_redis.url), await hot_hit_again(w)
 
-    result, ready_after_s, cached_again = asyncio.run(scenario())
+    result, during, ready_during, ready_after_s, cached_again = asyncio.run(scenario())
     _clean(result)
+    assert during.status_code == 200 and hashlib.sha256(during.content).hexdigest() == w.expected[w.hot[1]]
+    assert during.headers["x-cache"] == "miss" and ready_during == "degraded"
     assert ready_after_s is not None and cached_again  # recovered by itself: ready, and caching again
     assert "cache unavailable" in on_redis.log_path.read_text(), on_redis.log_path.read_text()[-3000:]
 
@@ -81,20 +86,25 @@ def test_redis_refusing_writes_mid_load(on_redis, redis_server):
         redis_server.config_set("maxmemory-policy", "noeviction")
         redis_server.config_set("maxmemory", 1)  # below what it holds: every write is refused with OOM
 
+    task = {"task": "generated while Redis refuses writes"}
+
     async def scenario():
         await w.warm()
-        load = asyncio.create_task(w.run(clients=8, duration_s=5))
+        load = asyncio.create_task(w.run(clients=8, duration_s=4))
         await at(1.0, refuse_writes)
-        await at(2.0, redis_server.restore_config)
-        return await load
+        async with httpx.AsyncClient(base_url=on_redis.url, timeout=60) as c:  # served, though not stored
+            during = await c.post("/generate", json=task)
+        await at(0.5, redis_server.restore_config)
+        return await load, during
 
-    result = asyncio.run(scenario())
+    result, during = asyncio.run(scenario())
     _clean(result)
-    assert "maxmemory" in on_redis.log()  # the refusal was met (and logged), not dodged
+    assert during.status_code == 200 and "maxmemory" in on_redis.log_path.read_text()  # refused, and logged
     c = httpx.Client(base_url=on_redis.url, timeout=60)
-    first = c.post("/generate", json={"task": "cached again once Redis takes writes"})
-    again = c.post("/generate", json={"task": "cached again once Redis takes writes"})
-    assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit" and again.content == first.content
+    first = c.post("/generate", json=task)  # it was not stored then; it is now
+    again = c.post("/generate", json=task)
+    assert first.headers["x-cache"] == "miss" and again.headers["x-cache"] == "hit"
+    assert first.content == again.content == during.content
 
 
 def _corruptions(r, key: str, other_key: str, rng: random.Random) -> str:
