@@ -239,7 +239,8 @@ class Evaluator:
         if not hasattr(self, "_map"):
             self.geometry()
         gram, tasks, k = self._map
-        xy = gram_pca(gram, 2)
+        norm = gram.diag().clamp_min(1e-30).sqrt()
+        xy = gram_pca(gram / norm[:, None] / norm[None, :], 2)  # directions only: oracles are much smaller
         s = self.suite
         colours = {t: plt.get_cmap("tab20" if i < 20 else "tab20b")(i % 20) for i, t in enumerate(s.tasks)}
         fig, ax = plt.subplots(figsize=(8, 6.2), dpi=110)
@@ -253,7 +254,7 @@ class Evaluator:
             pts = torch.stack([xy[i] for i in range(k, len(tasks)) if tasks[i] == t]).mean(0)
             ax.annotate(t + (" (held out)" if t in s.held_out else ""), pts.tolist(), fontsize=6.5,
                         fontweight="bold" if t in s.held_out else "normal", alpha=0.9)
-        ax.set_title("Adapters by task: PCA of delta-W (Gram via r×r products)\n"
+        ax.set_title("Adapters by task: PCA of unit-norm delta-W (Gram via r×r products)\n"
                      "● oracle LoRA (training)   · T2L SFT from unseen descriptions   ▲ held-out task", fontsize=9)
         ax.set_xlabel("PC 1")
         ax.set_ylabel("PC 2")
