@@ -64,7 +64,10 @@ class Checkpoint:
     def from_state_dict(cls, config: HyperConfig, state_dict: Mapping[str, torch.Tensor], source: str = "") -> Checkpoint:
         """Validate `state_dict` against `config` (exact keys and shapes) and hash it."""
         check_state_dict(config, state_dict)
-        sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state_dict.items()}
+        # a fresh copy of each tensor: owned, contiguous and 64-byte aligned (safetensors' tensors sit at
+        # arbitrary offsets, and BLAS kernels, so float32 rounding, depend on alignment)
+        sd = {k: v.detach().to("cpu", torch.float32).clone(memory_format=torch.contiguous_format)
+              for k, v in state_dict.items()}
         return cls(config, sd, content_hash(config, sd), source)
 
     @classmethod
