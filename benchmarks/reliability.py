@@ -362,6 +362,8 @@ def markdown(r: dict) -> str:
         f"{sum(f['survived'] for f in faults)} / {sum(f['recovered'] for f in faults)} |",
         f"| hostile inputs tried / refused as required | {h['tried']} / {h['refused_as_required']} "
         f"({h['refused_by_http_parser']} of them refused by uvicorn's HTTP parser with a plain 400) |",
+        f"| after the hostile inputs: stored adapter intact, tracebacks in the server log | "
+        f"{'yes' if h['stored_adapter_intact'] else 'NO'}, {h['tracebacks_in_log']} |",
         "",
         "| fault (under load) | injected | requests | ok | retryable | errors | corrupt | p99 ms | survived | "
         "ready again after the fault ends | recovered |",
@@ -430,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(results))
     shutil.rmtree(tmp, ignore_errors=True)
     ok = (results["totals"]["errors"] == 0 and results["totals"]["corrupt_served"] == 0
-          and hostile_r["refused_as_required"] == hostile_r["tried"] and all(f["survived"] and f["recovered"] for f in faults))
+          and hostile_r["refused_as_required"] == hostile_r["tried"] and hostile_r["stored_adapter_intact"]
+          and not hostile_r["tracebacks_in_log"] and all(f["survived"] and f["recovered"] for f in faults))
     return 0 if ok else 1
 
 

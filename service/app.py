@@ -16,7 +16,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator import __version__  # light: generator/__init__ imports no torch
@@ -150,6 +152,12 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return envelope(422, "invalid_input", f"{where}: {first['msg']}" if where else first["msg"],
                         request.state.request_id)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, e: ClientDisconnect):
+        # the client hung up (or broke the connection) while its body was read: nobody to answer, nothing wrong
+        metrics.disconnects.inc()
+        return Response(status_code=499)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException):
