@@ -81,7 +81,8 @@ def markdown(r: dict) -> str:
                         lo, hi = x[k]["adapters_per_s_iqr"]
                         cells += [f"{x[k]['adapters_per_s']:.2f} [{lo:.2f}–{hi:.2f}]", f"{100 * x[k]['efficiency']:.0f}%"]
                     peak = x["peak_device_mib"] if x.get("peak_device_mib") is not None else x["peak_rss_mib"]
-                    cells += [_f(peak, ".0f"), _load([x["forward"]["other_load_cores"], x["e2e"]["other_load_cores"]])]
+                    loads = [x[k]["other_load_cores"] for k in ("ideal", "forward", "e2e")]
+                    cells += [_f(peak, ".0f"), _load(loads)]
                     lines.append("| " + " | ".join(cells) + " |")
         dims = "; ".join(f"{n}: {e['dims']}, {e['params'] / 1e6:.0f} M params, {e['gflop_per_adapter']:.2f} GFLOP "
                          f"and {e['adapter_mb_float32']:.2f} MB (float32) per adapter"
