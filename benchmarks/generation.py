@@ -167,9 +167,9 @@ def output_dtypes(gen: LoraGenerator, emb: torch.Tensor, args) -> dict:
     return out
 
 
-def run(args, device: str) -> dict:
+def run(args, device: str, checkpoints: list[str] | None = None) -> dict:
     res: dict = {"device": device, "checkpoints": {}}
-    for name in args.checkpoints:
+    for name in checkpoints or args.checkpoints:
         c = t2l_config(name, n_layers=args.layers)
         torch.manual_seed(args.seed)
         ckpt = Checkpoint.from_module(build_hypernet(c))

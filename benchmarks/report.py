@@ -63,6 +63,9 @@ def markdown(r: dict) -> str:
         "\"Other cores\": CPU cores kept busy by processes other than the benchmark's own during a measurement "
         "(from /proc/stat; the highest over a row's runs); above ~0.1 that row was measured under contention.",
     ]
+    if not r.get("complete", True):
+        lines += ["", "**Partial report: the run has not finished (or was interrupted); only the sections below were "
+                  "measured.**"]
     if r.get("targets"):
         lines += ["", "| target | measured | met |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in r["targets"]]
