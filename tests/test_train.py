@@ -139,7 +139,12 @@ def mini_bundle(tmp_path_factory):
     from generator.train.demo import DemoConfig, build_demo
 
     out = tmp_path_factory.mktemp("bundle")
-    result = build_demo(out, DemoConfig.scaled_down(seed=0), evaluate=False, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # models this small gain nothing from a second thread, and lose a lot on a busy machine
+    try:
+        result = build_demo(out, DemoConfig.scaled_down(seed=0), evaluate=False, progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return out, result
 
 
