@@ -153,6 +153,11 @@ def markdown(r: dict) -> str:
             lines.append(hrow(dn, "miss, task text (encoder runs)", row["miss_text"]))
         for c, x in h.get("hits", {}).items():
             lines.append(hrow("–", f"hit (POST of a cached input), {c} client{'s' if c != '1' else ''}", x))
+        lost = {dn: sum(row["miss_embedding"].get("not_cached") or [0]) for dn, row in h["dtypes"].items()}
+        if any(lost.values()):
+            lines += ["", "Cache misses (embedding input) whose adapter was generated and served but not stored "
+                      "(its Redis write failed, e.g. timed out under load): "
+                      + ", ".join(f"{dn}: {n} of {h['n'] * h['runs']}" for dn, n in lost.items()) + "."]
         rb = h.get("redis_benchmark") or {}
         if rb:
             lines += ["", f"Cache hits against `redis-benchmark -t set,get -d {h['entry_bytes']}` (GET of the same "

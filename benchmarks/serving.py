@@ -159,6 +159,7 @@ async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], c
                       expect_cache: str) -> dict:
     """`concurrency` clients share `requests` (method, path, JSON body); each reads the whole response body."""
     lat = [0.0] * len(requests)
+    ids: list[str | None] = [None] * len(requests)
     sizes: set[int] = set()
     it = iter(enumerate(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -170,6 +171,7 @@ async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], c
                 r = await client.request(method, path, content=body, headers=headers if body else None)
                 data = r.content
                 lat[i] = time.perf_counter() - t0
+                ids[i] = r.headers.get("x-adapter-id")
                 if r.status_code != 200 or r.headers.get("x-cache") != expect_cache:
                     raise RuntimeError(f"{method} {path}: {r.status_code} X-Cache {r.headers.get('x-cache')} "
                                        f"(expected 200 {expect_cache}): {data[:300]!r}")
@@ -178,7 +180,7 @@ async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], c
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"wall_s": wall, "latencies_s": lat, "sizes": sorted(sizes)}
+    return {"wall_s": wall, "latencies_s": lat, "sizes": sorted(sizes), "ids": ids}
 
 
 def summarise_runs(runs: list[dict], n: int) -> dict:
@@ -221,7 +223,10 @@ def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
 
 
 def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, concurrency: int,
-               expect: str, args, warm_requests=None) -> dict:
+               expect: str, args, warm_requests=None, stored: list | None = None) -> dict:
+    """`--http-runs` runs of `make_requests(i)`; for misses, the requests whose adapters were then found in
+    the cache are appended to `stored`."""
+    stored = [] if stored is None else stored
     runs = []
     for i in range(args.http_runs):
         if warm_requests is not None:
@@ -238,8 +243,15 @@ def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, 
         out["cpu_ms_per_request"] = {k: None if cpu0[k] is None or cpu1[k] is None else 1e3 * (cpu1[k] - cpu0[k]) / n
                                      for k in cpu0}
         out["other_load_cores"] = load.cores
+        if expect == "miss":  # a generated adapter whose cache write failed (e.g. a Redis timeout) is not stored
+            out["not_cached"] = sum(not redis.client.exists(f"{server.prefix}adapter:{x}") for x in out["ids"])
+            stored.extend(req for req, x in zip(reqs, out["ids"], strict=True)
+                          if redis.client.exists(f"{server.prefix}adapter:{x}"))
+        del out["ids"]
         runs.append(out)
     row = summarise_runs(runs, n)
+    if expect == "miss":
+        row["not_cached"] = [r["not_cached"] for r in runs]
     row["cpu_ms_per_request"] = {k: stats([r["cpu_ms_per_request"][k] for r in runs])["median"]
                                  if runs[0]["cpu_ms_per_request"][k] is not None else None
                                  for k in runs[0]["cpu_ms_per_request"]}
@@ -298,16 +310,14 @@ def run(assets: Assets, args) -> dict:
                   f"[{inp['per_s_range'][0]:.2f}–{inp['per_s_range'][1]:.2f}] p50 {inp['p50_ms']:.1f} ms", flush=True)
             server = Server(assets, redis, dn, args, assets.workdir / f"serve-{dn}.log")
             try:
-                emb_reqs = {}
-
-                def make_emb(i, n=args.http_n, emb_reqs=emb_reqs):
-                    emb_reqs[i] = [("POST", "/v1/adapters", _embedding_body(e)) for e in emb_source(n)]
-                    return emb_reqs[i]
+                stored: list = []
+                make_emb = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
+                                      for e in emb_source(args.http_n)]
 
                 warm = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
                                   for e in emb_source(min(args.http_concurrency, 16))]
                 row["miss_embedding"] = http_phase(server, redis, f"{dn} miss (embedding) c={args.http_concurrency}",
-                                                   make_emb, args.http_n, args.http_concurrency, "miss", args, warm)
+                                                   make_emb, args.http_n, args.http_concurrency, "miss", args, warm, stored)
                 row["miss_over_in_process"] = row["miss_embedding"]["per_s"] / inp["per_s"]
                 mk_text = lambda i: [("POST", "/v1/adapters", json.dumps({"task": t}).encode())  # noqa: E731
                                      for t in texts(args.http_text_n)]
@@ -317,7 +327,9 @@ def run(assets: Assets, args) -> dict:
                                               mk_text, args.http_text_n, args.http_concurrency, "miss", args,
                                               warm_text)
                 if dn == args.dtypes[-1]:  # hits do not depend on the compute dtype: measured once
-                    cached = [r for reqs in emb_reqs.values() for r in reqs]
+                    cached = stored
+                    if not cached:
+                        raise RuntimeError("no generated adapter was stored in the cache: see the server log")
                     hits = {}
                     for c in sorted({1, args.http_concurrency}):
                         hits[str(c)] = http_phase(server, redis, f"hit (POST, cached input) c={c}",
