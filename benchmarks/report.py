@@ -153,6 +153,12 @@ def markdown(r: dict) -> str:
             lines.append(hrow(dn, "miss, task text (encoder runs)", row["miss_text"]))
         for c, x in h.get("hits", {}).items():
             lines.append(hrow("–", f"hit (POST of a cached input), {c} client{'s' if c != '1' else ''}", x))
+        regen = {c: sum(x.get("answered_as_miss") or [0]) for c, x in h.get("hits", {}).items()}
+        if any(regen.values()):
+            lines += ["", "Cached inputs answered as misses (the service's cache read failed, e.g. its 2 s Redis timeout "
+                      "under load, and it generated the adapter again): "
+                      + ", ".join(f"{c} client(s): {n} of {h['hits'][c]['n'] * h['hits'][c]['runs']}"
+                                  for c, n in regen.items()) + "."]
         lost = {dn: sum(row["miss_embedding"].get("not_cached") or [0]) for dn, row in h["dtypes"].items()}
         if any(lost.values()):
             lines += ["", "Cache misses (embedding input) whose adapter was generated and served but not stored "

@@ -160,6 +160,7 @@ async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], c
     """`concurrency` clients share `requests` (method, path, JSON body); each reads the whole response body."""
     lat = [0.0] * len(requests)
     ids: list[str | None] = [None] * len(requests)
+    unexpected = [0]
     sizes: set[int] = set()
     it = iter(enumerate(requests))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -172,15 +173,17 @@ async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], c
                 data = r.content
                 lat[i] = time.perf_counter() - t0
                 ids[i] = r.headers.get("x-adapter-id")
-                if r.status_code != 200 or r.headers.get("x-cache") != expect_cache:
+                if r.status_code != 200 or (r.headers.get("x-cache") != expect_cache and expect_cache == "miss"):
                     raise RuntimeError(f"{method} {path}: {r.status_code} X-Cache {r.headers.get('x-cache')} "
                                        f"(expected 200 {expect_cache}): {data[:300]!r}")
+                # a cached input answered as a miss: the cache read failed (e.g. timed out) and it was regenerated
+                unexpected[0] += r.headers.get("x-cache") != expect_cache
                 sizes.add(len(data))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(concurrency)))
         wall = time.perf_counter() - t0
-    return {"wall_s": wall, "latencies_s": lat, "sizes": sorted(sizes), "ids": ids}
+    return {"wall_s": wall, "latencies_s": lat, "sizes": sorted(sizes), "ids": ids, "answered_as_miss": unexpected[0]}
 
 
 def summarise_runs(runs: list[dict], n: int) -> dict:
@@ -252,6 +255,8 @@ def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, 
     row = summarise_runs(runs, n)
     if expect == "miss":
         row["not_cached"] = [r["not_cached"] for r in runs]
+    else:
+        row["answered_as_miss"] = [r["answered_as_miss"] for r in runs]
     row["cpu_ms_per_request"] = {k: stats([r["cpu_ms_per_request"][k] for r in runs])["median"]
                                  if runs[0]["cpu_ms_per_request"][k] is not None else None
                                  for k in runs[0]["cpu_ms_per_request"]}
