@@ -30,7 +30,7 @@ def run(assets: Assets, args) -> dict:
                "--task", texts[i], "--out", str(out)]
         if args.wait is not None:
             args.wait()
-        with OtherLoad() as load:
+        with OtherLoad(children=True) as load:  # the `loragen generate` process is the measurement itself
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             dt = time.perf_counter() - t0

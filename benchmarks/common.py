@@ -160,8 +160,9 @@ class OtherLoad:
     elapsed jiffies per CPU. The machine may be shared; a value well above 0 means the timings of that block
     were taken under contention. None off Linux."""
 
-    def __init__(self, pids: list[int] | tuple[int, ...] = ()):
+    def __init__(self, pids: list[int] | tuple[int, ...] = (), children: bool = False):
         self.pids = ["self", *map(str, pids)]
+        self.children = children  # also exclude the CPU of child processes waited for meanwhile
         self.cores: float | None = None
 
     def __enter__(self):
@@ -189,6 +190,9 @@ class OtherLoad:
                 own += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of proc(5))
             except (OSError, ValueError, IndexError):
                 pass  # a process that has exited: its time no longer shows in either reading's total
+        if self.children:  # in clock ticks, like /proc
+            ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+            own += round((ru.ru_utime + ru.ru_stime) * os.sysconf("SC_CLK_TCK"))
         idle = cpu[3] + (cpu[4] if len(cpu) > 4 else 0)  # idle + iowait
         total = sum(cpu[:8])  # user..steal; guest time is already counted in user
         return total - idle, total, own

@@ -306,7 +306,7 @@ class RedisCache(AdapterCache):
             # (from_url's own default is no retry at all; the plain constructor's is 10.)
             retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1, supported_errors=(RedisConnectionError,)),
             # entries are ~14 MB: read them in 1 MiB pieces, not redis-py's 64 KiB (with hiredis, a GET of 13.65 MB
-            # measured 24 ms instead of 50 ms on the benchmark machine; benchmarks/README.md)
+            # measured 24 ms instead of 50 ms on the benchmark machine; README.md, Performance)
             socket_read_size=SOCKET_READ_SIZE,
         )
         self._delete_if_equal = self._redis.register_script(_DELETE_IF_EQUAL)
