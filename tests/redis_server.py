@@ -8,7 +8,8 @@
 
 Fixtures, for tests/conftest.py to import (`from tests.redis_server import redis_server, redis_prefix`):
 - `redis_server` (session, synchronous, so it works with any pytest-asyncio loop scope): a `RedisServer`.
-- `redis_prefix` (function): a fresh key prefix `test:{uuid}:`; at teardown the server is brought back to
+- `redis_prefix` (function; `redis_prefix_module`, module): a fresh key prefix `test:{uuid}:`; at teardown
+  the server is brought back to
   normal (resumed, restarted, config restored) and every key under the prefix is deleted.
 """
 
@@ -245,11 +246,21 @@ def redis_server() -> Iterator[RedisServer]:
         server.close()
 
 
-@pytest.fixture
-def redis_prefix(redis_server: RedisServer) -> Iterator[str]:
+def _fresh_prefix(redis_server: RedisServer) -> Iterator[str]:
     prefix = f"test:{uuid.uuid4().hex}:"
     try:
         yield prefix
     finally:
         redis_server.reset()
         redis_server.delete_prefix(prefix)
+
+
+@pytest.fixture
+def redis_prefix(redis_server: RedisServer) -> Iterator[str]:
+    yield from _fresh_prefix(redis_server)
+
+
+@pytest.fixture(scope="module")
+def redis_prefix_module(redis_server: RedisServer) -> Iterator[str]:
+    """The same, shared by a module's tests (a module-scoped service on Redis)."""
+    yield from _fresh_prefix(redis_server)

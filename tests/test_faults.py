@@ -12,7 +12,6 @@ import random
 import socket
 import threading
 import time
-import uuid
 
 import httpx
 import pytest
@@ -25,14 +24,6 @@ from service.cache import HEADER, MAGIC
 from tests.load import Workload, at, hot_hit_again, until_ready
 from tests.service_server import ServiceProcess
 from tests.test_service import ckpt_dir  # noqa: F401  (the checkpoint fixture)
-
-
-@pytest.fixture(scope="module")
-def redis_prefix_module(redis_server):
-    prefix = f"test:{uuid.uuid4().hex}:"
-    yield prefix
-    redis_server.reset()
-    redis_server.delete_prefix(prefix)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import httpx
@@ -101,14 +100,6 @@ def test_request_id_on_every_response_and_log_line(keyed):
         line for line in lines if "request_id=" not in line][:3]
     for rid in sent:  # the access line of each request carries its id
         assert any(f"request_id={rid}" in line and "HTTP/1.1" in line for line in lines), rid
-
-
-@pytest.fixture(scope="module")
-def redis_prefix_module(redis_server):
-    prefix = f"test:{uuid.uuid4().hex}:"
-    yield prefix
-    redis_server.reset()
-    redis_server.delete_prefix(prefix)
 
 
 @pytest.fixture(scope="module")
