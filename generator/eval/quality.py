@@ -15,6 +15,7 @@ are the PCA of the adapters' delta-W fingerprints.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from generator.train.lora import MULTITASK
 from generator.train.suite import Suite
 
 Z95 = 1.959964
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,8 @@ class Evaluator:
         self.table = EmbeddingTable.for_suite(c.encoder, self.suite)
         self.n_examples = n_examples
         self._library: dict[str, AB] = {}
+        self._train_index: tuple[tuple[str, ...], torch.Tensor] | None = None
+        self._outputs: dict[tuple[str, str], list[str]] = {}  # (row, task) → answers, from evaluate()
         self._nets = {id(ck): ck.build() for ck in (self.sft, self.recon) if ck is not None}
 
     # --- adapters -------------------------------------------------------------------------------------
@@ -114,8 +118,10 @@ class Evaluator:
 
     def nearest_seen_task(self, texts: list[str]) -> list[str]:
         """For each text, the seen task whose training description embeds closest (cosine)."""
-        names, descs = zip(*[(t, d) for t in self.suite.seen for d in self.suite.train_descriptions[t]], strict=True)
-        train = torch.nn.functional.normalize(self.table(list(descs)), dim=-1)
+        if self._train_index is None:  # built once: every row and every task asks
+            names, descs = zip(*[(t, d) for t in self.suite.seen for d in self.suite.train_descriptions[t]], strict=True)
+            self._train_index = (names, torch.nn.functional.normalize(self.table(list(descs)), dim=-1))
+        names, train = self._train_index
         query = torch.nn.functional.normalize(self.table(texts), dim=-1)
         return [names[i] for i in (query @ train.T).argmax(-1).tolist()]
 
@@ -166,17 +172,18 @@ class Evaluator:
                 outs = greedy(self.model, self.codec, prompts)
         return Score(sum(canonical(o) == canonical(y) for o, (_, y) in zip(outs, ex, strict=True)), len(ex)), outs
 
-    def evaluate(self, rows: Sequence[str] | None = None, progress: bool = False) -> dict:
+    def evaluate(self, rows: Sequence[str] | None = None) -> dict:
         table = {}
         fns = self.rows()
         for name in rows or fns:
-            per_task = {t: self.score(fns[name], t)[0] for t in self.suite.tasks}
+            per_task = {}
+            for t in self.suite.tasks:
+                per_task[t], self._outputs[(name, t)] = self.score(fns[name], t)
             seen = _pool(per_task[t] for t in self.suite.seen)
             held = _pool(per_task[t] for t in self.suite.held_out)
             table[name] = {"seen": seen.as_dict(), "held_out": held.as_dict(),
                            "per_task": {t: sc.accuracy for t, sc in per_task.items()}}
-            if progress:
-                print(f"  {name:45s} seen {seen.accuracy:6.1%}  held-out {held.accuracy:6.1%}", flush=True)
+            log.info("%-45s seen %6.1f%%  held-out %6.1f%%", name, 100 * seen.accuracy, 100 * held.accuracy)
         return table
 
     def imitation(self) -> dict:
@@ -184,13 +191,12 @@ class Evaluator:
         description is nearest to the one it was given (its output equals that task's answer)."""
         from generator.train.suite import TASK_BY_NAME
 
-        fn = self.rows()["T2L SFT"]
         per_task, hits, total = {}, 0, 0
         for task in self.suite.held_out:
             ex = self.suite.eval_examples[task][: self.n_examples]
             descs = [self.suite.eval_descriptions[task][i % len(self.suite.eval_descriptions[task])] for i in range(len(ex))]
             nearest = self.nearest_seen_task(descs)
-            _, outs = self.score(fn, task)
+            outs = self._outputs.get(("T2L SFT", task)) or self.score(self.rows()["T2L SFT"], task)[1]
             same = [canonical(o) == canonical(TASK_BY_NAME[n].fn(x)) for o, n, (x, _) in zip(outs, nearest, ex, strict=True)]
             top = max(set(nearest), key=nearest.count)
             per_task[task] = {"most_often_nearest": top, "does_nearest_task": sum(same) / len(same)}
@@ -347,14 +353,13 @@ def targets(rows: dict) -> dict:
             "vs_control": 100 * (sft - held["T2L SFT, unrelated description (control)"])}
 
 
-def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_examples: int | None = None,
-             progress: bool = True) -> dict:
+def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_examples: int | None = None) -> dict:
     """Evaluate a bundle; write quality.json, quality.md and adapters.png into out_dir (default <bundle>/eval)."""
     bundle = Bundle(Path(bundle_dir))
     out = Path(out_dir) if out_dir else bundle.root / "eval"
     out.mkdir(parents=True, exist_ok=True)
     ev = Evaluator(bundle, n_examples)
-    rows = ev.evaluate(progress=progress)
+    rows = ev.evaluate()
     result = {"suite_seed": ev.suite.seed, "tasks": len(ev.suite.tasks), "held_out": ev.suite.held_out,
               "rows": rows, "targets": targets(rows), "held_out_imitation": ev.imitation(), "geometry": ev.geometry()}
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -108,9 +108,17 @@ def _dir(path: str, what: str, marker: str) -> Path:
     return p
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _progress_logging(quiet: bool) -> None:
+    """The library reports build stages and evaluation rows through logging: on stderr unless --quiet."""
+    import logging
 
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
     from generator.errors import InputError
+
+    _progress_logging(getattr(args, "quiet", False))  # `train suite` has no bar to silence
 
     if getattr(args, "no_resume", False):
         from generator.train.loop import STATE
@@ -179,6 +187,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from generator.errors import InputError
     from generator.eval.quality import markdown, run_eval
 
+    _progress_logging(quiet=False)
     bundle = Path(args.bundle)
     for part in ("suite.json", "base/config.json", "library", "t2l-sft/config.json"):
         if not (bundle / part).exists():

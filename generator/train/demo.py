@@ -15,6 +15,7 @@ continues where it stopped.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import torch
 
 from generator.train.loop import LoopConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -76,8 +79,7 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     def stage(name: str, done: bool, fn) -> None:
         if done:
             return
-        if progress:
-            print(f"[{name}]", flush=True)
+        log.info("demo build: stage %s", name)
         t0 = time.perf_counter()
         fn()
         times[name] = round(time.perf_counter() - t0, 1)
@@ -101,7 +103,7 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
           lambda: train_sft(config, suite, b.base, b.sft, loop(cfg.sft), table=table))
     result = {}
     if evaluate:
-        stage("eval", False, lambda: result.update(run_eval(b.root, progress=progress)))
+        stage("eval", False, lambda: result.update(run_eval(b.root)))
     build_file = b.root / "build.json"
     if build_file.exists():  # a resumed build: keep the times of the stages done before
         times = {**json.loads(build_file.read_text()).get("stage_seconds", {}), **times}

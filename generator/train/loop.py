@@ -80,7 +80,13 @@ def train_loop(
     state_path = out / STATE
     if resume and state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)  # never unpickle code
-        module.load_state_dict(state["model"], strict=False)
+        # the state holds the trainable weights only (frozen ones come from the module's own source), so
+        # exactly those keys must match: anything else is a state from another run or another model
+        trainable = {k for k, p in module.named_parameters() if p.requires_grad}
+        if set(state["model"]) != trainable:
+            raise InputError(f"{state_path} is the resume state of a different model or trainer; delete it or "
+                             "pass --no-resume to start over")
+        module.load_state_dict(state["model"], strict=False)  # strict on the trainable keys, checked above
         opt.load_state_dict(state["optim"])
         start = int(state["step"])
         log["step"], log["loss"] = state["log_step"].tolist(), state["log_loss"].tolist()
