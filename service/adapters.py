@@ -19,6 +19,7 @@ from generator.checkpoint import Checkpoint
 from generator.pipeline import TaskInput
 from service.cache import AdapterCache, CacheUnavailable
 from service.errors import InvalidInput, NotFound, Overloaded, Timeout, Unavailable
+from service.logctx import request_id_var
 from service.metrics import Metrics
 from service.pool import Job
 from service.settings import Settings
@@ -133,7 +134,7 @@ class AdapterService:
             if len(self._inflight) >= self.settings.max_pending:
                 raise Overloaded(f"{len(self._inflight)} generations pending; retry shortly",
                                  headers={"Retry-After": "1"})
-            job = Job(adapter_id, cid, ckpt.sha256, item, dtype, self.settings.compute_dtype)
+            job = Job(adapter_id, cid, ckpt.sha256, item, dtype, self.settings.compute_dtype, request_id_var.get())
             task = asyncio.create_task(self._generate(job))
             self._inflight[adapter_id] = task
             task.add_done_callback(lambda _t: self._inflight.pop(adapter_id, None))

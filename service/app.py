@@ -4,7 +4,6 @@ opens the cache; serving objects live on `app.state`."""
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import hmac
 import logging
@@ -23,14 +22,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator import __version__  # light: generator/__init__ imports no torch
 from service.errors import ApiError, PayloadTooLarge, RateLimited, envelope
+from service.logctx import request_id_var, tag_log_lines
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("loragen")
 _REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$", re.ASCII)
-# The id of the request being served, for log lines: set by RequestId in the request's own task, so every
-# line logged while serving it (app, uvicorn access and error lines) carries it; "-" outside a request.
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("loragen_request_id", default="-")
 
 
 def devices_for(setting: str) -> list[str]:
@@ -53,7 +50,11 @@ def load_checkpoints(settings: Settings) -> dict:
     """{id: Checkpoint} for every checkpoint the settings name; LoragenError (one line) for a bad one."""
     from generator.checkpoint import load_checkpoint
 
-    return {cid: load_checkpoint(src, hf_allow=settings.hf_allow) for cid, src in settings.checkpoints.items()}
+    checkpoints = {}
+    for cid, src in settings.checkpoints.items():
+        checkpoints[cid] = ckpt = load_checkpoint(src, hf_allow=settings.hf_allow)
+        log.info("read checkpoint %s from %s (sha256 %s)", cid, src, ckpt.sha256[:12])
+    return checkpoints
 
 
 def load_generators(settings: Settings, checkpoints: dict | None = None) -> list[dict]:
@@ -125,7 +126,7 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
 
             app.state.limiter = RateLimiter(*limit, redis_url=redis_url, prefix=settings.cache_prefix,
                                             socket_timeout_s=settings.redis_timeout_s)
-        log_request_ids()  # uvicorn has configured its loggers by now
+        tag_log_lines()  # uvicorn has configured its loggers by now
         try:
             yield
         finally:
@@ -218,27 +219,6 @@ def _client_id(request: Request, by_key: bool) -> str:
         key = request.headers.get("authorization", "").partition(" ")[2].strip()
         return "key:" + hashlib.sha256(key.encode()).hexdigest()[:32]
     return "ip:" + (request.client.host if request.client else "unknown")
-
-
-class _WithRequestId(logging.Formatter):
-    """Wraps a handler's formatter: the first line of every record ends with `request_id=<id>`."""
-
-    def __init__(self, inner: logging.Formatter):
-        super().__init__()
-        self.inner = inner
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = self.inner.format(record)
-        first, nl, rest = text.partition("\n")
-        return f"{first} request_id={request_id_var.get()}{nl}{rest}"
-
-
-def log_request_ids(loggers: tuple[str, ...] = ("", "uvicorn", "uvicorn.error", "uvicorn.access")) -> None:
-    """Make every line of these loggers' handlers carry the request id (idempotent)."""
-    for name in loggers:
-        for handler in logging.getLogger(name).handlers:
-            if not isinstance(handler.formatter, _WithRequestId):
-                handler.setFormatter(_WithRequestId(handler.formatter or logging.Formatter()))
 
 
 class RequestId:

@@ -146,9 +146,19 @@ def _settings(args: argparse.Namespace, **defaults):
 
 
 def _logging(level: str) -> None:
+    """Every line a node writes, from the first, is a log record in one format ending in `request_id=`
+    (service.logctx): uvicorn's lines too (their Config gets log_config=None, so they reach the root
+    handler), and Python warnings from the libraries; no progress bars (transformers draws one per load)."""
     import logging
 
+    from transformers.utils import logging as hf_logging
+
+    from service.logctx import tag_log_lines
+
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.captureWarnings(True)
+    hf_logging.disable_progress_bar()
+    tag_log_lines()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -163,9 +173,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # load before the server starts: a bad checkpoint is one line and exit 2, not a traceback
     api_only = settings.queue == "redis" and not settings.embedded_worker
     loaded = load_checkpoints(settings) if api_only else load_generators(settings)
-    uvicorn.run(create_app(settings, loaded), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_grace_s)
-    return 0
+    # log_config=None: uvicorn's own lines (startup, access) go through the root handler set up above, in
+    # one format with ours
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, loaded), host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, log_config=None,
+                                           timeout_graceful_shutdown=settings.shutdown_grace_s))
+    server.run()
+    return 0 if server.started else 3  # uvicorn's exit status for a startup failure (its lifespan logged why)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from generator.errors import LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
 from service.errors import InvalidInput, Overloaded, Unavailable
+from service.logctx import NO_REQUEST, serving
 from service.malloc import keep_freed_memory
 from service.metrics import Metrics
 
@@ -37,6 +38,7 @@ class Job:
     item: TaskInput
     dtype: str  # output dtype
     compute_dtype: str
+    request_id: str = NO_REQUEST  # of the request that asked first: the worker's log lines name it
 
 
 @dataclass(eq=False)
@@ -67,7 +69,8 @@ class Worker:
             try:
                 self._run(batch)
             except BaseException:  # a bug: the thread ends; the supervisor fails `current` and replaces it
-                log.exception("worker %d (%s) crashed with %d jobs in hand", self.index, self.device, len(batch))
+                with serving(e.job.request_id for e in batch):
+                    log.exception("worker %d (%s) crashed with %d jobs in hand", self.index, self.device, len(batch))
                 return
             self.current = []
 
@@ -76,24 +79,30 @@ class Worker:
         for e in batch:
             groups[(e.job.checkpoint, e.job.dtype)].append(e)
         for (cid, dtype), entries in groups.items():
-            gen = self.generators[cid]
-            start = time.perf_counter()
-            try:
-                adapters = gen.generate([e.job.item for e in entries], dtype)
-            except LoragenError:
-                for e in entries:  # one bad input must not fail its neighbours: run each alone
-                    self._alone(e, gen, dtype)
-                continue
-            except Exception:  # a bug or a device failure: retryable for the client, logged for us
-                log.exception("worker %d (%s) failed a batch of %d", self.index, self.device, len(entries))
-                for e in entries:
-                    _settle(e, error=Unavailable(f"generation failed on {self.device}; retry",
-                                                 headers={"Retry-After": "1"}))
-                continue
-            self.pool.metrics.generation_seconds.observe((time.perf_counter() - start) / len(entries))
-            self.pool.metrics.batch_generated.labels(self.device).observe(len(entries))
-            for e, adapter in zip(entries, adapters, strict=True):
-                _settle(e, result=adapter.safetensors_bytes())
+            with serving(e.job.request_id for e in entries):
+                self._run_group(self.generators[cid], dtype, entries)
+
+    def _run_group(self, gen: LoraGenerator, dtype: str, entries: list[_Entry]) -> None:
+        start = time.perf_counter()
+        try:
+            adapters = gen.generate([e.job.item for e in entries], dtype)
+        except LoragenError:
+            for e in entries:  # one bad input must not fail its neighbours: run each alone
+                self._alone(e, gen, dtype)
+            return
+        except Exception:  # a bug or a device failure: retryable for the client, logged for us
+            log.exception("worker %d (%s) failed a batch of %d", self.index, self.device, len(entries))
+            for e in entries:
+                _settle(e, error=Unavailable(f"generation failed on {self.device}; retry",
+                                             headers={"Retry-After": "1"}))
+            return
+        elapsed = time.perf_counter() - start
+        log.debug("worker %d (%s) generated %d adapters in %.1f ms", self.index, self.device, len(entries),
+                  elapsed * 1000)
+        self.pool.metrics.generation_seconds.observe(elapsed / len(entries))
+        self.pool.metrics.batch_generated.labels(self.device).observe(len(entries))
+        for e, adapter in zip(entries, adapters, strict=True):
+            _settle(e, result=adapter.safetensors_bytes())
 
     @staticmethod
     def _alone(e: _Entry, gen: LoraGenerator, dtype: str) -> None:
@@ -102,6 +111,8 @@ class Worker:
             (adapter,) = gen.generate([e.job.item], dtype)
             _settle(e, result=adapter.safetensors_bytes())
         except LoragenError as err:
+            with serving([e.job.request_id]):
+                log.info("refused an input: %s", err)
             _settle(e, error=InvalidInput(str(err)))
 
 
@@ -139,7 +150,9 @@ class WorkerPool:
             await asyncio.sleep(every_s)
             for i, w in enumerate(self.workers):
                 if not w.thread.is_alive() and not self.stopping.is_set():
-                    log.error("worker %d (%s) died; failing its %d jobs and restarting it", i, w.device, len(w.current))
+                    with serving(e.job.request_id for e in w.current):
+                        log.error("worker %d (%s) died; failing its %d jobs and restarting it", i, w.device,
+                                  len(w.current))
                     for e in w.current:
                         _settle(e, error=Unavailable("the worker holding this request died; retry",
                                                      headers={"Retry-After": "1"}))

@@ -27,6 +27,7 @@ from generator.errors import LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
 from service.cache import AdapterCache, CacheUnavailable
 from service.errors import InvalidInput, Overloaded, Unavailable
+from service.logctx import NO_REQUEST, serving
 from service.malloc import keep_freed_memory
 from service.metrics import Metrics
 from service.pool import Job
@@ -50,7 +51,8 @@ class Keys:
 def encode_job(job: Job) -> dict[str, bytes | str]:
     item = job.item
     fields: dict[str, bytes | str] = {"id": job.adapter_id, "sha": job.checkpoint_sha256, "kind": item.kind,
-                                      "dtype": job.dtype, "compute_dtype": job.compute_dtype, "t": str(time.time())}
+                                      "dtype": job.dtype, "compute_dtype": job.compute_dtype, "t": str(time.time()),
+                                      "rid": job.request_id}
     if item.kind == "embedding":
         fields["embedding"] = torch.tensor(item.embedding, dtype=torch.float32).numpy().tobytes()
     else:
@@ -70,7 +72,13 @@ def decode_job(fields: dict[bytes, bytes]) -> Job:
         item = TaskInput.document(f["text"].decode())
     else:
         raise ValueError(f"unknown input kind {kind!r}")
-    return Job(f["id"].decode(), "", f["sha"].decode(), item, f["dtype"].decode(), f["compute_dtype"].decode())
+    return Job(f["id"].decode(), "", f["sha"].decode(), item, f["dtype"].decode(), f["compute_dtype"].decode(),
+               _request_id(fields))
+
+
+def _request_id(fields: dict[bytes, bytes]) -> str:
+    """The id of the request an entry was queued for ("-" for entries queued by older API nodes)."""
+    return fields.get(b"rid", NO_REQUEST.encode()).decode(errors="replace")
 
 
 class StreamQueue:
@@ -196,7 +204,8 @@ class StreamWorker:
         _, claimed, _ = await self.redis.xautoclaim(self.keys.stream, GROUP, self.name, self.claim_idle_ms,
                                                    start_id="0-0", count=self.max_batch_size)
         if claimed:
-            log.warning("worker %s claimed %d abandoned jobs", self.name, len(claimed))
+            with serving(_request_id(fields) for _, fields in claimed if fields):
+                log.warning("worker %s claimed %d abandoned jobs", self.name, len(claimed))
             self.metrics.claimed.inc(len(claimed))
         return [(eid, fields) for eid, fields in claimed if fields]
 
@@ -212,7 +221,8 @@ class StreamWorker:
             try:
                 job = decode_job(fields)
             except (KeyError, ValueError, LoragenError) as e:
-                log.error("worker %s: dropping malformed job %s: %s", self.name, eid, e)
+                with serving([_request_id(fields)]):
+                    log.error("worker %s: dropping malformed job %s: %s", self.name, eid, e)
                 await self._ack([eid])
                 continue
             if await self.cache.contains(job.adapter_id):  # done by someone else already
@@ -222,7 +232,8 @@ class StreamWorker:
         keepalive = asyncio.create_task(self._keep_claimed([eid for items in groups.values() for eid, _ in items]))
         try:
             for (sha, dtype), items in groups.items():
-                finished += await self._generate(sha, dtype, items)
+                with serving(job.request_id for _, job in items):
+                    finished += await self._generate(sha, dtype, items)
         finally:
             keepalive.cancel()
         await self._ack([eid for eid, _ in finished])
@@ -264,7 +275,10 @@ class StreamWorker:
                 for one in items:
                     out += await self._generate(sha, dtype, [one])
                 return out
-        self.metrics.generation_seconds.observe((time.perf_counter() - start) / len(items))
+        elapsed = time.perf_counter() - start
+        log.info("worker %s generated %d adapters (checkpoint %s, %s) in %.1f ms", self.name, len(items), sha[:12],
+                 dtype, elapsed * 1000)
+        self.metrics.generation_seconds.observe(elapsed / len(items))
         self.metrics.batch_generated.labels(str(gen.device)).observe(len(items))
         done = []
         for (eid, job), adapter in zip(items, adapters, strict=True):
@@ -274,7 +288,8 @@ class StreamWorker:
         return done
 
     async def _fail(self, eid: bytes, job: Job, why: str) -> tuple[bytes, str]:
-        log.warning("worker %s: job %s failed: %s", self.name, job.adapter_id[:12], why)
+        with serving([job.request_id]):
+            log.warning("worker %s: job %s failed: %s", self.name, job.adapter_id[:12], why)
         await self.redis.set(self.keys.error(job.adapter_id), why, ex=ERROR_TTL_S)
         return eid, job.adapter_id
 
@@ -305,12 +320,14 @@ async def run_worker(settings, generators_per_device: list[dict[str, LoraGenerat
     from fastapi import FastAPI, Response
     from fastapi.responses import JSONResponse
 
+    from service.app import RequestId
     from service.cache import RedisCache
 
     cache = RedisCache(settings.redis_url.get_secret_value(), prefix=settings.cache_prefix,
                        ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
     workers = make_workers(settings, generators_per_device, cache, metrics)
     app = FastAPI(title="loragen worker")
+    app.add_middleware(RequestId)  # probes' access lines carry their ids, as on the API
 
     @app.get("/health")
     async def health() -> dict:
@@ -326,7 +343,8 @@ async def run_worker(settings, generators_per_device: list[dict[str, LoraGenerat
     async def metrics_route() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level))
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                           log_config=None))  # one format with ours, through the root handler
     stop = asyncio.Event()
     consumers = [asyncio.create_task(w.run(stop)) for w in workers]
     log.info("%d worker(s) consuming %s (group %s), health on %s:%d", len(workers), workers[0].keys.stream, GROUP,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,10 @@ import time
 from pathlib import Path
 
 import httpx
+
+# the first line of every log record a node writes (service.cli._logging): time, level, logger, message
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+ ")
+REQUEST_ID_FIELD = re.compile(r" request_id=[\w.:,-]+$")
 
 
 def free_port() -> int:
@@ -52,6 +57,15 @@ class ServiceProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
+
+    def log_records(self) -> list[str]:
+        """The whole log's lines, each checked to begin a log record ending in a request_id= field: no
+        progress bar, stray print or untagged line (for nodes that log no traceback, whose other lines
+        would follow their record's first)."""
+        lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
+        odd = [line for line in lines if not (LOG_RECORD.match(line) and REQUEST_ID_FIELD.search(line))]
+        assert not odd, odd[:3]
+        return lines
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -151,3 +151,37 @@ def test_single_node_that_workers_join(ckpt_dir, redis_server, redis_prefix, tmp
         if extra is not None:
             extra.stop()
         node.stop()
+
+
+def test_request_id_travels_with_the_job_into_the_worker_log(ckpt_dir, redis_server, redis_prefix, tmp_path):  # noqa: F811
+    """A worker's lines name the request that caused them: the id rides in the stream entry. Every line of
+    both nodes, from the first (checkpoint loading, uvicorn's startup), ends with a request_id= field."""
+    env = node_env(redis_server, redis_prefix, LORAGEN_LOG_LEVEL="info")
+    worker = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "worker.log", env, command="worker")
+    api = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "api.log", env, "--queue", "redis")
+    try:
+        c = httpx.Client(base_url=api.url, timeout=60)
+        r = c.post("/generate", json={"task": "carry my id to the worker"}, headers={"X-Request-Id": "trace-me-1"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "trace-me-1"
+        # an entry no API node would write (unknown input kind), queued for request forged-9: dropped, and
+        # the worker's complaint names that request
+        redis_server.client().xadd(f"{redis_prefix}jobs", {"id": "0" * 64, "sha": "x", "kind": "riddle",
+                                                           "dtype": "float32", "compute_dtype": "float32",
+                                                           "rid": "forged-9"})
+        deadline = time.monotonic() + 30
+        while "dropping malformed job" not in worker.log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert httpx.get(worker.url + "/health", headers={"X-Request-Id": "probe-3"}).status_code == 200
+    finally:
+        api.stop()
+        worker.stop()
+    worker_lines, api_lines = worker.log_records(), api.log_records()  # every line, from the first
+    for lines in (worker_lines, api_lines):
+        assert any("read checkpoint tiny" in line for line in lines)  # before uvicorn starts
+        assert any("Application startup complete" in line for line in lines)
+    generated = [line for line in worker_lines if "generated 1 adapters" in line]
+    assert generated and all(line.endswith(" request_id=trace-me-1") for line in generated), generated
+    dropped = [line for line in worker_lines if "dropping malformed job" in line]
+    assert dropped and dropped[0].endswith(" request_id=forged-9"), dropped
+    assert any("/health HTTP/1.1" in line and line.endswith(" request_id=probe-3") for line in worker_lines)
+    assert any("POST /generate HTTP/1.1" in line and line.endswith(" request_id=trace-me-1") for line in api_lines)
