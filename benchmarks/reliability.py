@@ -165,8 +165,10 @@ def redis_faults(ckpt: Path, tmp: Path, redis: RedisServer, clients: int, durati
 
     def service(name: str) -> ServiceProcess:
         prefix = f"rel:{name}:"
+        # no near cache: every hit reads Redis, where the faults are injected
         return ServiceProcess({"tiny": ckpt}, tmp / f"{name}.log", {
-            "LORAGEN_REDIS_URL": redis.url, "LORAGEN_CACHE_PREFIX": prefix, "LORAGEN_REDIS_TIMEOUT_S": "0.5"})
+            "LORAGEN_REDIS_URL": redis.url, "LORAGEN_CACHE_PREFIX": prefix, "LORAGEN_REDIS_TIMEOUT_S": "0.5",
+            "LORAGEN_MEMORY_CACHE_BYTES": "0"})
 
     def scenario(name: str, injected: str, fault, heal) -> dict:
         proc = service(name)

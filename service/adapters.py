@@ -84,12 +84,14 @@ class AdapterService:
     # ---- cache, degrading to uncached when the backend is down ----
 
     async def cached(self, adapter_id: str) -> bytes | None:
+        near_hits = self.cache.stats.near_hits
         try:
             data = await self.cache.get(adapter_id)
         except CacheUnavailable as e:
             self._cache_down(e)
             return None
-        self._cache_up()
+        if self.cache.stats.near_hits == near_hits:  # a hit from process memory says nothing about Redis
+            self._cache_up()
         self.metrics.cache_lookups.labels("hit" if data is not None else "miss").inc()
         return data
 

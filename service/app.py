@@ -97,6 +97,7 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
         cache = make_cache(redis_url, max_bytes=settings.memory_cache_bytes, prefix=settings.cache_prefix,
                            ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
+        metrics.count_near_hits(lambda: cache.stats.near_hits)
         consumers: list[asyncio.Task] = []
         stop = asyncio.Event()
         if settings.queue == "redis":  # API node: jobs go to `loragen worker` processes through Redis
@@ -177,36 +178,11 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     key_hashes = settings.api_key_hashes()
     open_paths = {"/health", "/ready"} | ({"/metrics"} if settings.metrics_public else set())
 
-    @app.middleware("http")
-    async def _observe(request: Request, call_next):
-        start = time.perf_counter()
-        guarded = request.url.path not in open_paths
-        if key_hashes and guarded:
-            denied = _check_key(request.headers.get("authorization", ""), key_hashes)
-            if denied is not None:
-                status, type_, message = denied
-                metrics.requests.labels("auth", request.method, str(status)).inc()
-                return envelope(status, type_, message, request.state.request_id,
-                                {"WWW-Authenticate": "Bearer"} if status == 401 else None)
-        limiter = request.app.state.limiter
-        if limiter is not None and guarded:
-            wait_s = await limiter.take(_client_id(request, bool(key_hashes)))
-            if wait_s > 0:
-                metrics.requests.labels("rate_limit", request.method, "429").inc()
-                e = RateLimited(f"rate limit of {limiter.rate:g} requests/s (burst {limiter.burst}) reached; "
-                                f"retry in {wait_s:.1f} s", headers={"Retry-After": str(math.ceil(wait_s))})
-                return envelope(e.status, e.type, e.message, request.state.request_id, e.headers)
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, request.method, str(response.status_code)).inc()
-        metrics.request_seconds.labels(path).observe(time.perf_counter() - start)
-        return response
-
     from service.routes import adapters, ops
 
     app.include_router(adapters.router)
     app.include_router(ops.router)
+    app.add_middleware(Gate, metrics=metrics, key_hashes=key_hashes, open_paths=open_paths)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestId)  # outermost: every response, even a 413 from BodyLimit, carries an id
     return app
@@ -256,6 +232,52 @@ def _check_key(header: str, key_hashes: list[bytes]) -> tuple[int, str, str] | N
     for h in key_hashes:  # no early exit: the time taken does not depend on which key matched
         ok |= hmac.compare_digest(digest, h)
     return None if ok else (403, "forbidden", "API key not accepted")
+
+
+class Gate:
+    """API keys and rate limits on every route but the open ones, then request counts and latency by route.
+    Plain ASGI (not BaseHTTPMiddleware, which passed every piece of a ~14 MB response through a memory
+    stream and a task of its own)."""
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics, key_hashes: list[bytes], open_paths: set[str]):
+        self.app, self.metrics, self.key_hashes, self.open_paths = app, metrics, key_hashes, open_paths
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        request = Request(scope)
+        rid = scope.get("state", {}).get("request_id")
+        guarded = request.url.path not in self.open_paths
+        if self.key_hashes and guarded:
+            denied = _check_key(request.headers.get("authorization", ""), self.key_hashes)
+            if denied is not None:
+                status, type_, message = denied
+                self.metrics.requests.labels("auth", request.method, str(status)).inc()
+                response = envelope(status, type_, message, rid, {"WWW-Authenticate": "Bearer"} if status == 401 else None)
+                return await response(scope, receive, send)
+        limiter = scope["app"].state.limiter
+        if limiter is not None and guarded:
+            wait_s = await limiter.take(_client_id(request, bool(self.key_hashes)))
+            if wait_s > 0:
+                self.metrics.requests.labels("rate_limit", request.method, "429").inc()
+                e = RateLimited(f"rate limit of {limiter.rate:g} requests/s (burst {limiter.burst}) reached; "
+                                f"retry in {wait_s:.1f} s", headers={"Retry-After": str(math.ceil(wait_s))})
+                return await envelope(e.status, e.type, e.message, rid, e.headers)(scope, receive, send)
+        status = 500  # unless the app starts a response
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, request.method, str(status)).inc()
+            self.metrics.request_seconds.labels(path).observe(time.perf_counter() - start)
 
 
 class BodyLimit:

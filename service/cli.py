@@ -136,7 +136,9 @@ def _settings(args: argparse.Namespace, **defaults):
         settings = Settings(**overrides)
     except ValidationError as e:
         err = e.errors()[0]
-        raise _usage(f"invalid setting {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
+        where = ".".join(map(str, err["loc"]))  # empty for a check across settings, whose message names them
+        raise _usage(f"invalid setting {where}: {err['msg']}" if where else
+                     f"invalid settings: {err['msg'].removeprefix('Value error, ')}") from None
     if not settings.checkpoints:
         raise _usage("no checkpoint to serve: name one with --checkpoint [ID=]DIR_OR_HF_SOURCE "
                      "or LORAGEN_CHECKPOINTS='id=source'")

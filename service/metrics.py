@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -36,5 +39,24 @@ class Metrics:
                                    registry=r)
         self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
 
+    def count_near_hits(self, near_hits: Callable[[], int]) -> None:
+        """Export the cache's own count of hits answered from process memory (service.cache.NearCache)."""
+        self.registry.register(_Counted("loragen_cache_near_hits",
+                                        "cache hits answered from the in-process near cache, without Redis",
+                                        near_hits))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _Counted:
+    """A counter whose value something else keeps (a Prometheus custom collector)."""
+
+    def __init__(self, name: str, doc: str, value: Callable[[], int]):
+        self.name, self.doc, self.value = name, doc, value
+
+    def describe(self) -> list:
+        return [CounterMetricFamily(self.name, self.doc)]
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self.name, self.doc, value=self.value())

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from generator import DEMO_CHECKPOINTS
@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = None  # None: the embedded in-process LRU cache
     cache_prefix: str = "loragen:"
     cache_ttl_s: int = Field(7 * 86400, ge=1)
+    # the in-process cache: without Redis the whole cache; with it, a near cache of hot entries in front of
+    # Redis (0: none), so a hot adapter is answered without a Redis round trip (README.md, Performance)
     memory_cache_bytes: int = Field(512 * MiB, ge=0)
     redis_timeout_s: float = Field(2.0, gt=0)
 
@@ -95,6 +97,13 @@ class Settings(BaseSettings):
     @classmethod
     def _split_keys(cls, value: object) -> object:
         return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _some_cache(self) -> Settings:
+        if self.memory_cache_bytes == 0 and not self.redis_url:
+            raise ValueError("LORAGEN_MEMORY_CACHE_BYTES=0 turns off the near cache in front of Redis, but no "
+                             "LORAGEN_REDIS_URL is set: without Redis the in-process cache is the only one")
+        return self
 
     def api_key_hashes(self) -> list[bytes]:
         """sha256 digests of every accepted key (from api_keys and api_keys_file)."""

@@ -12,10 +12,13 @@ import pytest_asyncio
 from service.cache import (
     HEADER,
     MAGIC,
+    PIECE_BYTES,
     AdapterCache,
     CacheUnavailable,
     MemoryCache,
+    NearCache,
     RedisCache,
+    entry_digest,
     make_cache,
     redact_url,
 )
@@ -31,13 +34,15 @@ def key(i: int) -> str:
     return f"{i:064x}"
 
 
-@pytest_asyncio.fixture(params=["memory", "redis"])
+@pytest_asyncio.fixture(params=["memory", "redis", "near"])
 async def cache(request):
     if request.param == "memory":
         c: AdapterCache = MemoryCache(max_bytes=16 * 2**20)
     else:
         server = request.getfixturevalue("redis_server")
         c = RedisCache(server.url, prefix=request.getfixturevalue("redis_prefix"), ttl_s=600, socket_timeout_s=1.0)
+        if request.param == "near":
+            c = NearCache(c, MemoryCache(max_bytes=16 * 2**20))
     yield c
     await c.close()
 
@@ -125,10 +130,63 @@ async def test_make_cache_picks_the_backend(redis_server):
     memory = make_cache(None, max_bytes=1000, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
     also_memory = make_cache("", max_bytes=1000, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
     shared = make_cache(redis_server.url, max_bytes=1000, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
-    assert (memory.backend, also_memory.backend, shared.backend) == ("memory", "memory", "redis")
+    shared_only = make_cache(redis_server.url, max_bytes=0, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
+    assert (memory.backend, also_memory.backend, shared.backend, shared_only.backend) == ("memory",) * 2 + ("redis",) * 2
+    assert isinstance(shared, NearCache) and shared.near.max_bytes == 1000 and isinstance(shared_only, RedisCache)
     assert await shared.ping()
-    for c in (memory, also_memory, shared):
+    for c in (memory, also_memory, shared, shared_only):
         await c.close()
+    with pytest.raises(ValueError, match="max_bytes"):  # no Redis and no memory: nothing to cache in
+        make_cache(None, max_bytes=0, prefix="p:", ttl_s=60, socket_timeout_s=1.0)
+
+
+# -- near cache: Redis behind an in-process LRU ----------------------------------------------------------------
+
+
+@pytest.mark.asyncio
+async def test_near_cache_answers_from_memory_and_fills_from_redis(make_redis, redis_server, redis_prefix):
+    a = NearCache(make_redis(), MemoryCache(max_bytes=2**20))  # two replicas on one Redis
+    b = NearCache(make_redis(), MemoryCache(max_bytes=2**20))
+    data = os.urandom(5000)
+    await a.put(KEY, data)
+    assert await b.get(KEY) == data  # from Redis: b had never seen it ...
+    with redis_server.client() as r:
+        r.delete(f"{redis_prefix}adapter:{KEY}")
+    assert await a.get(KEY) == data and await b.get(KEY) == data  # ... and both now answer from memory
+    assert (a.stats.hits, a.stats.near_hits, b.stats.hits, b.stats.near_hits) == (1, 1, 2, 1)
+    assert await a.contains(KEY) and await a.size(KEY) == len(data)
+    assert a.stats.bytes == len(data)  # held in this process
+    fresh = NearCache(make_redis(), MemoryCache(max_bytes=2**20))
+    assert await fresh.get(KEY) is None and fresh.stats.misses == 1
+
+
+@pytest.mark.asyncio
+async def test_near_cache_never_keeps_what_failed_its_check(make_redis, redis_server, redis_prefix):
+    a = make_redis()
+    b = NearCache(make_redis(), MemoryCache(max_bytes=2**20))
+    await a.put(KEY, os.urandom(5000))
+    with redis_server.client() as r:
+        r.setrange(f"{redis_prefix}adapter:{KEY}", 100, b"\xff\xfe")
+    assert await b.get(KEY) is None
+    assert (b.stats.corrupt, b.stats.misses, b.stats.bytes) == (1, 1, 0) and not await b.near.contains(KEY)
+
+
+@pytest.mark.asyncio
+async def test_near_cache_serves_what_it_holds_while_redis_is_down(make_redis, redis_server):
+    redis_server.require_managed("stopping Redis")
+    c = NearCache(make_redis(), MemoryCache(max_bytes=2**20))
+    data = os.urandom(5000)
+    await c.put(KEY, data)
+    redis_server.stop()
+    try:
+        assert await c.get(KEY) == data  # content-addressed: a copy held here is never stale
+        with pytest.raises(CacheUnavailable):
+            await c.get(key(2))  # what it does not hold needs Redis
+        with pytest.raises(CacheUnavailable):
+            await c.put(key(3), b"x")
+        assert not await c.ping()
+    finally:
+        redis_server.start()
 
 
 # -- memory -------------------------------------------------------------------------------------------------
@@ -195,11 +253,88 @@ async def test_redis_entry_format_and_ttl(make_redis, redis_server, redis_prefix
     c = make_redis(ttl_s=600)
     data = os.urandom(1000)
     await c.put(KEY, data)
+    k = f"{redis_prefix}adapter:{KEY}"
     with redis_server.client() as r:
-        raw = r.get(f"{redis_prefix}adapter:{KEY}")
-        ttl = r.ttl(f"{redis_prefix}adapter:{KEY}")
-    assert raw[:4] == MAGIC and len(raw) == HEADER.size + len(data) and raw[HEADER.size :] == data
-    assert 0 < ttl <= 600
+        raw, ttl = r.get(k), r.ttl(k)
+        assert r.keys(k + ":*") == []  # one piece: the head alone
+    assert raw[HEADER.size :] == data and 0 < ttl <= 600
+    assert HEADER.unpack_from(raw) == (MAGIC, entry_digest(KEY, data), len(data), PIECE_BYTES)
+
+
+@pytest.mark.asyncio
+async def test_redis_large_entry_is_stored_in_pieces(make_redis, redis_server, redis_prefix):
+    """An entry over PIECE_BYTES is the head (header + first piece) plus one key per further piece, all with
+    the TTL: Redis stores and sends 1 MiB values several times faster than one 14 MB value."""
+    c = make_redis(ttl_s=600)
+    data = os.urandom(2 * PIECE_BYTES + 12345)
+    await c.put(KEY, data)
+    k = f"{redis_prefix}adapter:{KEY}"
+    with redis_server.client() as r:
+        head, p1, p2 = r.get(k), r.get(f"{k}:1"), r.get(f"{k}:2")
+        assert r.get(f"{k}:3") is None
+        assert all(0 < r.ttl(x) <= 600 for x in (k, f"{k}:1", f"{k}:2"))
+    assert HEADER.unpack_from(head) == (MAGIC, entry_digest(KEY, data), len(data), PIECE_BYTES)
+    assert head[HEADER.size :] + p1 + p2 == data and len(p1) == PIECE_BYTES and len(p2) == 12345
+    assert await c.get(KEY) == data and await c.size(KEY) == len(data)
+    assert (c.stats.hits, c.stats.puts, c.stats.bytes) == (1, 1, len(data))
+    await c.put(KEY, b"now small")  # replaced by a one-piece entry: the old pieces go
+    with redis_server.client() as r:
+        assert r.keys(k + ":*") == []
+    assert await c.get(KEY) == b"now small"
+
+
+def _flip_in_piece(r, k: str) -> None:
+    raw = r.get(f"{k}:1")
+    r.setrange(f"{k}:1", 500, bytes([raw[500] ^ 0x01]))
+
+
+def _truncate_last_piece(r, k: str) -> None:
+    r.set(f"{k}:2", r.get(f"{k}:2")[:-1])
+
+
+def _swap_pieces(r, k: str) -> None:
+    p1, p2 = r.get(f"{k}:1"), r.get(f"{k}:2")
+    r.set(f"{k}:1", p2 + p1[len(p2):])  # same lengths, wrong order of bytes
+    r.set(f"{k}:2", p1[: len(p2)])
+
+
+def _head_of_another_entry(r, k: str) -> None:
+    other = k[:-64] + "b" * 64
+    r.set(k, r.get(other))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("damage", [_flip_in_piece, _truncate_last_piece, _swap_pieces, _head_of_another_entry])
+async def test_redis_damaged_piece_is_never_served(make_redis, redis_server, redis_prefix, damage):
+    c = make_redis()
+    size = 2 * PIECE_BYTES + 4000
+    await c.put(KEY, os.urandom(size))
+    await c.put("b" * 64, os.urandom(size))
+    k = f"{redis_prefix}adapter:{KEY}"
+    with redis_server.client() as r:
+        damage(r, k)
+    assert await c.get(KEY) is None
+    with redis_server.client() as r:
+        assert not r.exists(k) and r.keys(k + ":*") == []  # every piece of the damaged entry is gone
+        assert r.exists(f"{redis_prefix}adapter:{'b' * 64}")  # and no other entry
+    assert (c.stats.corrupt, c.stats.misses, c.stats.hits) == (1, 1, 0)
+
+
+@pytest.mark.asyncio
+async def test_redis_entry_missing_a_piece_is_a_miss_not_corruption(make_redis, redis_server, redis_prefix):
+    """Under allkeys-lru a piece can be evicted before its head: the entry is incomplete, not corrupt."""
+    c = make_redis()
+    data = os.urandom(2 * PIECE_BYTES + 1)
+    await c.put(KEY, data)
+    k = f"{redis_prefix}adapter:{KEY}"
+    with redis_server.client() as r:
+        r.delete(f"{k}:1")
+    assert await c.get(KEY) is None
+    with redis_server.client() as r:
+        assert not r.exists(k) and r.keys(k + ":*") == []
+    assert (c.stats.corrupt, c.stats.misses) == (0, 1)
+    await c.put(KEY, data)
+    assert await c.get(KEY) == data
 
 
 def _flip_payload_byte(r, k: str, raw: bytes) -> None:
@@ -335,12 +470,15 @@ def test_redact_url():
 async def test_redis_allkeys_lru_evicts_and_never_serves_wrong_bytes(make_redis, redis_server):
     c = make_redis()
     redis_server.config_set("maxmemory-policy", "allkeys-lru")
-    redis_server.config_set("maxmemory", redis_server.used_memory() + 3 * 2**20)
+    redis_server.config_set("maxmemory", redis_server.used_memory() + 8 * 2**20)
     written = {}
-    for i in range(80):  # 8 MB into ~3 MB of room
+    for i in range(160):  # 16 MB into ~8 MB of room
         written[key(i)] = os.urandom(100_000)
         await c.put(key(i), written[key(i)])
-    assert await c.get(key(79)) == written[key(79)]  # the newest survives (read first: reads refresh LRU age)
+    for i in range(160, 172):  # and 25 MB in entries of three pieces, which Redis may evict piece by piece
+        written[key(i)] = os.urandom(2 * PIECE_BYTES + 100_000)
+        await c.put(key(i), written[key(i)])
+    assert await c.get(key(171)) == written[key(171)]  # the newest survives (read first: reads refresh LRU age)
     results = {k: await c.get(k) for k in written}
     assert all(got is None or got == written[k] for k, got in results.items())
     held = sum(got is not None for got in results.values())

@@ -1,6 +1,7 @@
 """`loragen generate | inspect | convert`: real commands on real checkpoints; bad input is one line, exit 2."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -170,3 +171,15 @@ def test_serve_with_a_bad_checkpoint_is_one_line(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2, out.stderr[-2000:]
         assert out.stderr.strip().count("\n") == 0 and match in out.stderr and "Traceback" not in out.stderr
+
+
+def test_serve_with_no_cache_at_all_is_one_line(tmp_path):
+    """LORAGEN_MEMORY_CACHE_BYTES=0 turns the near cache in front of Redis off; without Redis there would be
+    no cache left, which the service refuses before loading anything."""
+    script = Path(sys.executable).with_name("loragen")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGEN_")}
+    out = subprocess.run([str(script), "serve", "--port", "0"], capture_output=True, text=True, timeout=120,
+                         env={**env, "LORAGEN_MEMORY_CACHE_BYTES": "0"})
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert "LORAGEN_MEMORY_CACHE_BYTES=0" in out.stderr and "LORAGEN_REDIS_URL" in out.stderr

@@ -30,8 +30,9 @@ from tests.test_service import ckpt_dir  # noqa: F401  (the checkpoint fixture)
 def on_redis(ckpt_dir, redis_server, redis_prefix_module, tmp_path_factory):  # noqa: F811
     """One service on Redis for every fault here (each test brings Redis back to normal when it ends)."""
     redis_server.require_managed("fault injection on Redis")
+    # no near cache: every hit goes to Redis, where the faults are (test_service_redis tests the near cache)
     env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix_module,
-           "LORAGEN_REDIS_TIMEOUT_S": "0.5"}
+           "LORAGEN_REDIS_TIMEOUT_S": "0.5", "LORAGEN_MEMORY_CACHE_BYTES": "0"}
     proc = ServiceProcess({"tiny": ckpt_dir}, tmp_path_factory.mktemp("faults") / "serve.log", env)
     yield proc
     proc.stop()

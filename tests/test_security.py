@@ -118,7 +118,8 @@ def test_in_process_worker_lines_carry_the_request_id(ckpt_dir, tmp_path):  # no
 def shared_limit(ckpt_dir, redis_server, redis_prefix_module, tmp_path_factory):  # noqa: F811
     """Two open replicas sharing a Redis: 3 requests per client IP, then one per 20 s, across both."""
     env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix_module,
-           "LORAGEN_REDIS_TIMEOUT_S": "0.5", "LORAGEN_RATE_LIMIT_PER_S": "0.05", "LORAGEN_RATE_LIMIT_BURST": "3"}
+           "LORAGEN_REDIS_TIMEOUT_S": "0.5", "LORAGEN_RATE_LIMIT_PER_S": "0.05", "LORAGEN_RATE_LIMIT_BURST": "3",
+           "LORAGEN_MEMORY_CACHE_BYTES": "0"}  # reads go to Redis, where a test below corrupts an entry
     d = tmp_path_factory.mktemp("shared")
     procs = [ServiceProcess({"tiny": ckpt_dir}, d / f"serve{i}.log", env, "--log-level", "info") for i in range(2)]
     yield procs

@@ -14,7 +14,8 @@ from tests.test_service import assert_error, ckpt_dir  # noqa: F401  (the checkp
 
 @pytest.fixture
 def replicas(ckpt_dir, redis_server, redis_prefix, tmp_path):  # noqa: F811
-    env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix, "LORAGEN_REDIS_TIMEOUT_S": "0.5"}
+    env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix, "LORAGEN_REDIS_TIMEOUT_S": "0.5",
+           "LORAGEN_MEMORY_CACHE_BYTES": "0"}  # every hit from Redis (the near cache has its own test below)
     procs = [ServiceProcess({"tiny": ckpt_dir}, tmp_path / f"serve{i}.log", env) for i in range(2)]
     yield procs
     for p in procs:
@@ -91,3 +92,34 @@ def test_identical_requests_across_replicas_generate_once(replicas):
     assert all(r.status_code == 200 for r in responses)
     assert len({r.content for r in responses}) == 1
     assert sum(metric(c, "loragen_adapters_generated_total") for c in clients) - before == 1
+
+
+def test_near_cache_answers_hot_adapters_without_redis(ckpt_dir, redis_server, redis_prefix, tmp_path):  # noqa: F811
+    """With the default near cache, a replica answers what it generated or read from its own memory: while
+    Redis is down, and whatever happens to the Redis entry; a replica that never held it reads Redis, checks
+    the entry, and refuses a damaged one."""
+    redis_server.require_managed("stopping Redis")
+    env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix, "LORAGEN_REDIS_TIMEOUT_S": "0.5"}
+    near = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "near.log", env)
+    other = ServiceProcess({"tiny": ckpt_dir}, tmp_path / "other.log", {**env, "LORAGEN_MEMORY_CACHE_BYTES": "0"})
+    try:
+        c = httpx.Client(base_url=near.url, timeout=60)
+        first = c.post("/generate", json={"task": "hot adapter"})
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+        adapter_id = first.headers["x-adapter-id"]
+        r = redis_server.client()
+        r.setrange(f"{redis_prefix}adapter:{adapter_id}", 60, b"\xde\xad\xbe\xef")
+        assert_error(httpx.get(f"{other.url}/v1/adapters/{adapter_id}", timeout=60), 404, "not_found")
+        hit = c.post("/generate", json={"task": "hot adapter"})
+        assert hit.headers["x-cache"] == "hit" and hit.content == first.content  # its own checked copy
+        redis_server.stop()
+        try:
+            assert c.get(f"/v1/adapters/{adapter_id}").content == first.content
+            assert c.post("/generate", json={"task": "hot adapter"}).headers["x-cache"] == "hit"
+            assert c.get("/ready").json()["status"] == "degraded"  # Redis is still what readiness reports
+        finally:
+            redis_server.start()
+        assert 'loragen_cache_near_hits_total 3.0' in c.get("/metrics").text
+    finally:
+        near.stop()
+        other.stop()
