@@ -36,12 +36,24 @@ def targets(r: dict) -> list[dict]:
                     "measured": f"{row['miss_embedding']['per_s']:.2f} vs {row['in_process']['per_s']:.2f} adapters/s "
                                 f"= {100 * ratio:.0f}% (max_batch_size {http['batch_size']}, {http['concurrency']} clients)",
                     "met": ratio >= 0.85})
-    hit, rb = http.get("hits", {}).get("1"), (http.get("redis_benchmark") or {}).get("1")
-    if hit and rb:
-        out.append({"target": "cache-hit p50 <= 2x redis-benchmark GET p50 for the same size",
-                    "measured": f"{hit['p50_ms']:.2f} ms vs {rb['p50_ms']:.2f} ms = {hit['p50_ms'] / rb['p50_ms']:.2f}x "
-                                f"({http['entry_bytes'] / 1e6:.2f} MB, one client)",
-                    "met": hit["p50_ms"] <= 2 * rb["p50_ms"]})
+    rb = (http.get("redis_benchmark") or {}).get("1")
+    if rb and http.get("hits"):
+        # judged with one client in C (curl) against redis-benchmark's C client when curl is there: httpx alone
+        # needs more than twice redis-benchmark's time to read the body (client_floor)
+        curl, hx, floor = http.get("hit_curl") or {}, http["hits"]["1"], http.get("client_floor") or {}
+        judged, client = (curl["hits"], "curl") if curl.get("hits") else (hx, "httpx")
+        far = curl.get("hits_redis") if client == "curl" else (http.get("hits_redis") or {}).get("1")
+        out.append({"target": f"cache-hit p50 <= 2x redis-benchmark GET p50 for the same size (one {client} client, "
+                              "default near cache)",
+                    "measured": f"{judged['p50_ms']:.2f} ms vs {rb['p50_ms']:.2f} ms = "
+                                f"{judged['p50_ms'] / rb['p50_ms']:.2f}x ({http['entry_bytes'] / 1e6:.2f} MB); read "
+                                "from Redis (no near cache): "
+                                + (f"{far['p50_ms']:.2f} ms = {far['p50_ms'] / rb['p50_ms']:.2f}x" if far else "–")
+                                + (f"; one httpx client: {hx['p50_ms']:.2f} ms = {hx['p50_ms'] / rb['p50_ms']:.2f}x"
+                                   if client == "curl" else "")
+                                + (f", its own floor against a bare server {floor['httpx']['p50_ms']:.2f} ms"
+                                   if floor.get("httpx") else ""),
+                    "met": judged["p50_ms"] <= 2 * rb["p50_ms"]})
     return out
 
 
@@ -151,8 +163,9 @@ def markdown(r: dict) -> str:
             lines.append(hrow(dn, "in-process pool (no HTTP, no cache)", row["in_process"]))
             lines.append(hrow(dn, "miss, embedding input", row["miss_embedding"], row["miss_over_in_process"]))
             lines.append(hrow(dn, "miss, task text (encoder runs)", row["miss_text"]))
-        for c, x in h.get("hits", {}).items():
-            lines.append(hrow("–", f"hit (POST of a cached input), {c} client{'s' if c != '1' else ''}", x))
+        for key, where in (("hits", "near cache"), ("hits_redis", "from Redis")):
+            for c, x in h.get(key, {}).items():
+                lines.append(hrow("–", f"hit ({where}), {c} client{'s' if c != '1' else ''}", x))
         regen = {c: sum(x.get("answered_as_miss") or [0]) for c, x in h.get("hits", {}).items()}
         if any(regen.values()):
             lines += ["", "Cached inputs answered as misses (the service's cache read failed, e.g. its 2 s Redis timeout "
@@ -168,10 +181,24 @@ def markdown(r: dict) -> str:
         if rb:
             lines += ["", f"Cache hits against `redis-benchmark -t set,get -d {h['entry_bytes']}` (GET of the same "
                       "value size on the same Redis):", "",
-                      "| clients | HTTP hit requests/s | redis-benchmark GET/s | HTTP hit p50 ms | GET p50 ms | ratio p50 | "
+                      "| clients, client, hit from | HTTP hit requests/s | redis-benchmark GET/s | HTTP hit p50 ms | GET p50 ms | ratio p50 | "
                       "HTTP hit p99 ms | GET p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for c, g in rb.items():
-                x = h["hits"][c]
-                lines.append(f"| {c} | {x['per_s']:.1f} | {g['rps']:.1f} | {x['p50_ms']:.2f} | {g['p50_ms']:.2f} | "
-                             f"{x['p50_ms'] / g['p50_ms']:.2f}× | {x['p99_ms']:.2f} | {g['p99_ms']:.2f} |")
+                for key, where in (("hits", "near cache"), ("hits_redis", "from Redis")):
+                    x = h.get(key, {}).get(c)
+                    if x:
+                        lines.append(f"| {c}, httpx, {where} | {x['per_s']:.1f} | {g['rps']:.1f} | {x['p50_ms']:.2f} | "
+                                     f"{g['p50_ms']:.2f} | {x['p50_ms'] / g['p50_ms']:.2f}× | {x['p99_ms']:.2f} | "
+                                     f"{g['p99_ms']:.2f} |")
+                for key, where in (("hits", "near cache"), ("hits_redis", "from Redis")):
+                    x = (h.get("hit_curl") or {}).get(key)
+                    if x and c == "1":
+                        lines.append(f"| 1, curl, {where} | – | {g['rps']:.1f} | {x['p50_ms']:.2f} | {g['p50_ms']:.2f} | "
+                                     f"{x['p50_ms'] / g['p50_ms']:.2f}× | {x['p99_ms']:.2f} | {g['p99_ms']:.2f} |")
+            floor = h.get("client_floor")
+            if floor:
+                lines += ["", f"The clients' own floor: against a bare asyncio server in its own process that answers "
+                          f"every GET with {floor['bytes']:,} bytes from memory, one httpx client (this suite's loop) "
+                          f"takes {floor['httpx']['p50_ms']:.2f} ms p50"
+                          + (f", curl {floor['curl']['p50_ms']:.2f} ms." if floor.get("curl") else ".")]
     return "\n".join(lines)

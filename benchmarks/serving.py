@@ -114,15 +114,17 @@ def _chunks(it, n):
 class Server:
     """`loragen serve` in its own process, ready when /ready says so."""
 
-    def __init__(self, assets: Assets, redis: Redis, compute_dtype: str, args, log: Path):
+    def __init__(self, assets: Assets, redis: Redis, compute_dtype: str, args, log: Path,
+                 extra_env: dict[str, str] | None = None, prefix: str | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.prefix = f"bench:{uuid.uuid4().hex[:12]}:"
+        self.prefix = prefix or f"bench:{uuid.uuid4().hex[:12]}:"
         env = {k: v for k, v in os.environ.items() if not k.startswith("LORAGEN_")}
         env.update({"HF_HUB_OFFLINE": "1", "LORAGEN_LOG_LEVEL": "warning", "LORAGEN_REDIS_URL": redis.url,
                     "LORAGEN_CACHE_PREFIX": self.prefix, "LORAGEN_COMPUTE_DTYPE": compute_dtype,
                     "LORAGEN_MAX_BATCH_SIZE": str(args.http_batch), "LORAGEN_MAX_WAIT_MS": "5",
-                    "LORAGEN_MAX_PENDING": "4096", "LORAGEN_REQUEST_TIMEOUT_S": "600", "LORAGEN_DEVICE": args.device})
+                    "LORAGEN_MAX_PENDING": "4096", "LORAGEN_REQUEST_TIMEOUT_S": "600", "LORAGEN_DEVICE": args.device,
+                    **(extra_env or {})})
         cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
                "--checkpoint", f"bench={assets.mistral_dir}"]
         self._log = open(log, "wb")
@@ -155,6 +157,8 @@ class Server:
 
 # ------------------------------------------------------------------------------------------- clients
 
+READ_BYTES = 1 << 20
+
 async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], concurrency: int,
                       expect_cache: str) -> dict:
     """`concurrency` clients share `requests` (method, path, JSON body); each reads the whole response body."""
@@ -169,16 +173,23 @@ async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], c
         async def one() -> None:
             for i, (method, path, body) in it:
                 t0 = time.perf_counter()
-                r = await client.request(method, path, content=body, headers=headers if body else None)
-                data = r.content
+                async with client.stream(method, path, content=body, headers=headers if body else None) as r:
+                    # every byte is read, none kept: the load generator shares the cores with the server, and
+                    # joining ~14 MB bodies (what .content does) cost it about a quarter more CPU
+                    size, first = 0, b""
+                    async for piece in r.aiter_raw(READ_BYTES):
+                        size += len(piece)
+                        first = first or piece[:300]
                 lat[i] = time.perf_counter() - t0
                 ids[i] = r.headers.get("x-adapter-id")
                 if r.status_code != 200 or (r.headers.get("x-cache") != expect_cache and expect_cache == "miss"):
                     raise RuntimeError(f"{method} {path}: {r.status_code} X-Cache {r.headers.get('x-cache')} "
-                                       f"(expected 200 {expect_cache}): {data[:300]!r}")
+                                       f"(expected 200 {expect_cache}): {first!r}")
+                if size != int(r.headers["content-length"]):
+                    raise RuntimeError(f"{method} {path}: {size} bytes read of {r.headers['content-length']}")
                 # a cached input answered as a miss: the cache read failed (e.g. timed out) and it was regenerated
                 unexpected[0] += r.headers.get("x-cache") != expect_cache
-                sizes.add(len(data))
+                sizes.add(size)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(concurrency)))
@@ -288,6 +299,89 @@ def redis_benchmark(redis: Redis, size: int, concurrency: int, n: int) -> dict |
     return out
 
 
+def curl_hits(url: str, requests: list[tuple[str, str, bytes | None]], n: int, workdir: Path) -> dict | None:
+    """One client in C: `n` sequential `curl` requests (cycling over `requests`), latency as curl's own
+    time_total (connect to last byte; the process start is not in it). Against redis-benchmark, also in C, this
+    compares the servers rather than the clients' languages."""
+    binary = shutil.which("curl")
+    if binary is None:
+        return None
+    files = []
+    for j, (_, _, body) in enumerate(requests):
+        files.append(workdir / f"curl-body-{j}.json")
+        files[-1].write_bytes(body or b"")
+    lat = []
+    for i in range(n + 3):  # 3 untimed
+        method, path, _ = requests[i % len(requests)]
+        cmd = [binary, "-s", "-o", "/dev/null", "-X", method, "-w", "%{http_code} %header{x-cache} %{time_total}",
+               url + path]
+        if method == "POST":
+            cmd[1:1] = ["-H", "content-type: application/json", "--data-binary", f"@{files[i % len(requests)]}"]
+        status, cache, seconds = subprocess.run(cmd, capture_output=True, text=True, timeout=60).stdout.split()
+        if status != "200" or cache != "hit":
+            raise RuntimeError(f"curl {method} {path}: {status} X-Cache {cache} (expected 200 hit)")
+        if i >= 3:
+            lat.append(float(seconds))
+    return {"n": n, "p50_ms": 1e3 * percentile(lat, 50), "p95_ms": 1e3 * percentile(lat, 95),
+            "p99_ms": 1e3 * percentile(lat, 99)}
+
+
+def _raw_http_server(port: int, size: int) -> None:
+    """The least an HTTP server can do: answer every request with `size` bytes from memory, one write."""
+    body = os.urandom(size)
+    head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nx-cache: hit\r\n\r\n" % size
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(head)
+                writer.write(body)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    async def serve() -> None:
+        async with await asyncio.start_server(handle, "127.0.0.1", port) as srv:
+            await srv.serve_forever()
+
+    asyncio.run(serve())
+
+
+def client_floor(size: int, n: int, workdir: Path) -> dict:
+    """What the clients alone cost: httpx (this suite's closed loop, one client) and curl against a bare
+    asyncio server in its own process that answers every GET with `size` bytes."""
+    import multiprocessing
+
+    port = free_port()
+    proc = multiprocessing.get_context("spawn").Process(target=_raw_http_server, args=(port, size), daemon=True)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the bare HTTP server did not start") from None
+                time.sleep(0.05)
+        url = f"http://127.0.0.1:{port}"
+        reqs = [("GET", "/", None)] * n
+        asyncio.run(closed_loop(url, reqs[:5], 1, "hit"))
+        out = closed_loop_summary(asyncio.run(closed_loop(url, reqs, 1, "hit")))
+        return {"bytes": size, "httpx": out, "curl": curl_hits(url, [("GET", "/", None)], n, workdir)}
+    finally:
+        proc.terminate()
+        proc.join(timeout=10)
+
+
+def closed_loop_summary(out: dict) -> dict:
+    lat = out["latencies_s"]
+    return {"n": len(lat), "p50_ms": 1e3 * percentile(lat, 50), "p95_ms": 1e3 * percentile(lat, 95),
+            "p99_ms": 1e3 * percentile(lat, 99)}
+
+
 def run(assets: Assets, args) -> dict:
     res: dict = {"batch_size": args.http_batch, "concurrency": args.http_concurrency, "n": args.http_n,
                  "runs": args.http_runs, "dtypes": {}}
@@ -332,19 +426,7 @@ def run(assets: Assets, args) -> dict:
                                               mk_text, args.http_text_n, args.http_concurrency, "miss", args,
                                               warm_text)
                 if dn == args.dtypes[-1]:  # hits do not depend on the compute dtype: measured once
-                    cached = stored
-                    if not cached:
-                        raise RuntimeError("no generated adapter was stored in the cache: see the server log")
-                    hits = {}
-                    for c in sorted({1, args.http_concurrency}):
-                        hits[str(c)] = http_phase(server, redis, f"hit (POST, cached input) c={c}",
-                                                  lambda i, cached=cached: [cached[j % len(cached)] for j in range(args.hit_n)],
-                                                  args.hit_n, c, "hit", args)
-                    res["hits"] = hits
-                    res["entry_bytes"] = size = int(redis.client.strlen(next(redis.client.scan_iter(
-                        match=server.prefix + "adapter:*"))))
-                    res["redis_benchmark"] = {str(c): redis_benchmark(redis, size, c, args.hit_n)
-                                              for c in sorted({1, args.http_concurrency})}
+                    res.update(hit_phases(assets, redis, server, stored, dn, args))
             finally:
                 server.stop()
                 redis.delete_prefix(server.prefix)
@@ -352,3 +434,44 @@ def run(assets: Assets, args) -> dict:
     finally:
         redis.close()
     return res
+
+
+def hit_phases(assets: Assets, redis: Redis, server: Server, stored: list, dn: str, args) -> dict:
+    """Cache hits of a hot set of adapters, from the server with its default near cache (process memory) and
+    from a second one on the same entries with none (every hit read from Redis and checked); by httpx clients
+    and by curl; redis-benchmark GET of the same size; the clients' own floor."""
+    if not stored:
+        raise RuntimeError("no generated adapter was stored in the cache: see the server log")
+    hot = stored[: args.hot_set]
+    out: dict = {"hot_set": len(hot)}
+    redis_only = Server(assets, redis, dn, args, assets.workdir / f"serve-{dn}-redis-only.log",
+                        {"LORAGEN_MEMORY_CACHE_BYTES": "0"}, prefix=server.prefix)
+    try:
+        for key, srv, label in (("hits", server, "near cache"), ("hits_redis", redis_only, "from Redis")):
+            srv_hits = {}
+            for c in sorted({1, args.http_concurrency}):
+                srv_hits[str(c)] = http_phase(srv, redis, f"hit ({label}) c={c}",
+                                              lambda i: [hot[j % len(hot)] for j in range(args.hit_n)],
+                                              args.hit_n, c, "hit", args)
+            out[key] = srv_hits
+            if args.wait is not None:
+                args.wait()
+            out.setdefault("hit_curl", {})[key] = curl = curl_hits(srv.url, hot, args.hit_n, assets.workdir)
+            if curl:
+                print(f"  curl hit ({label}) c=1: p50 {curl['p50_ms']:.1f} ms p99 {curl['p99_ms']:.1f} ms", flush=True)
+    finally:
+        redis_only.stop()
+    size = int(http_entry_bytes(redis, server.prefix))
+    out["entry_bytes"] = size
+    out["redis_benchmark"] = {str(c): redis_benchmark(redis, size, c, args.hit_n)
+                              for c in sorted({1, args.http_concurrency})}
+    out["client_floor"] = floor = client_floor(int(out["hits"]["1"]["bytes"][0]), args.hit_n, assets.workdir)
+    print(f"  client floor (bare server, {floor['bytes'] / 1e6:.2f} MB): httpx p50 {floor['httpx']['p50_ms']:.1f} ms, "
+          f"curl p50 {floor['curl']['p50_ms'] if floor['curl'] else float('nan'):.1f} ms", flush=True)
+    return out
+
+
+def http_entry_bytes(redis: Redis, prefix: str) -> int:
+    """The bytes Redis holds for one cached adapter: its head and its pieces."""
+    head = next(k for k in redis.client.scan_iter(match=prefix + "adapter:*") if k.count(b":") == prefix.count(":") + 1)
+    return sum(redis.client.strlen(k) for k in [head, *redis.client.scan_iter(match=head.decode() + ":*")])

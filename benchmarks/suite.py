@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     h.add_argument("--http-text-n", type=int, default=32, help="cache-miss requests from task texts per run (default 32)")
     h.add_argument("--http-runs", type=int, default=3, help="runs per row (default 3)")
     h.add_argument("--hit-n", type=int, default=200, help="cache-hit requests per run and redis-benchmark requests")
+    h.add_argument("--hot-set", type=int, default=16,
+                   help="distinct cached adapters the hits cycle over (default 16: 218 MB in float32 at the Mistral "
+                        "dims, within the server's default 512 MiB near cache)")
     c = p.add_argument_group("contention (a shared machine)")
     c.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each measurement wait until other processes use under --idle-threshold cores, "
@@ -85,9 +88,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup, args.repeats, args.repeats_large = 0, 1, 1
         args.encoder_layers, args.baseline_runs = 2, 1
         args.http_batch, args.http_concurrency, args.http_n, args.http_text_n = 2, 2, 4, 2
-        args.http_runs, args.hit_n = 1, 4
+        args.http_runs, args.hit_n, args.hot_set = 1, 4, 2
     if min(args.batches + args.share_batches + [args.repeats, args.repeats_large, args.http_n, args.http_runs,
-                                                 args.hit_n, args.http_batch, args.http_concurrency]) < 1:
+                                                 args.hit_n, args.hot_set, args.http_batch, args.http_concurrency]) < 1:
         p.error("batch sizes, repeats, request counts and concurrency must be positive")
     args.batches, args.share_batches = sorted(set(args.batches)), sorted(set(args.share_batches))
     args.dtypes = list(dict.fromkeys(args.dtypes))

@@ -48,8 +48,13 @@ def test_quick_suite_writes_a_complete_report(tmp_path):
     for k in ("in_process", "miss_embedding", "miss_text"):
         assert _positive(row[k]["per_s"]) and row[k]["p50_ms"] <= row[k]["p95_ms"] <= row[k]["p99_ms"]
     assert _positive(row["miss_over_in_process"])
-    assert set(http["hits"]) == set(http["redis_benchmark"]) == {"1", "2"}
-    assert all(_positive(x["p50_ms"]) for x in http["hits"].values())
+    assert set(http["hits"]) == set(http["hits_redis"]) == set(http["redis_benchmark"]) == {"1", "2"}
+    assert all(_positive(x["p50_ms"]) for x in [*http["hits"].values(), *http["hits_redis"].values()])
+    floor = http["client_floor"]
+    assert floor["bytes"] == http["hits"]["1"]["bytes"][0] and _positive(floor["httpx"]["p50_ms"])
+    assert set(http["hit_curl"]) == {"hits", "hits_redis"}
+    if shutil.which("curl"):  # the C-client rows need curl on PATH
+        assert all(_positive(x["p50_ms"]) for x in [*http["hit_curl"].values(), floor["curl"]])
     assert all(_positive(x["rps"]) and _positive(x["p50_ms"]) for x in http["redis_benchmark"].values())
     assert http["redis_benchmark"]["1"]["value_bytes"] == http["entry_bytes"]
 
