@@ -36,6 +36,13 @@ def targets(r: dict) -> list[dict]:
                     "measured": f"{row['miss_embedding']['per_s']:.2f} vs {row['in_process']['per_s']:.2f} adapters/s "
                                 f"= {100 * ratio:.0f}% (max_batch_size {http['batch_size']}, {http['concurrency']} clients)",
                     "met": ratio >= 0.85})
+        split = row.get("split")
+        if split:
+            out.append({"target": f"HTTP cache-miss throughput >= 85% of in-process ({dn}; both on one core, the "
+                                  "clients and Redis on the other)",
+                        "measured": f"{split['miss_embedding']['per_s']:.2f} vs {split['in_process']['per_s']:.2f} "
+                                    f"adapters/s = {100 * split['miss_over_in_process']:.0f}%",
+                        "met": split["miss_over_in_process"] >= 0.85})
     rb = (http.get("redis_benchmark") or {}).get("1")
     if rb and http.get("hits"):
         # judged with one client in C (curl) against redis-benchmark's C client when curl is there: httpx alone
@@ -163,6 +170,11 @@ def markdown(r: dict) -> str:
             lines.append(hrow(dn, "in-process pool (no HTTP, no cache)", row["in_process"]))
             lines.append(hrow(dn, "miss, embedding input", row["miss_embedding"], row["miss_over_in_process"]))
             lines.append(hrow(dn, "miss, task text (encoder runs)", row["miss_text"]))
+            if row.get("split"):
+                sp = row["split"]
+                lines.append(hrow(dn, "in-process pool on 1 core (1 torch thread)", sp["in_process"]))
+                lines.append(hrow(dn, "miss, server on that core; clients and Redis on the other",
+                                  sp["miss_embedding"], sp["miss_over_in_process"]))
         for key, where in (("hits", "near cache"), ("hits_redis", "from Redis")):
             for c, x in h.get(key, {}).items():
                 lines.append(hrow("–", f"hit ({where}), {c} client{'s' if c != '1' else ''}", x))

@@ -19,6 +19,7 @@ percentiles pool the requests of all runs. The clients share the machine's cores
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -115,7 +116,7 @@ class Server:
     """`loragen serve` in its own process, ready when /ready says so."""
 
     def __init__(self, assets: Assets, redis: Redis, compute_dtype: str, args, log: Path,
-                 extra_env: dict[str, str] | None = None, prefix: str | None = None):
+                 extra_env: dict[str, str] | None = None, prefix: str | None = None, cpus: set[int] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = prefix or f"bench:{uuid.uuid4().hex[:12]}:"
@@ -129,7 +130,8 @@ class Server:
                "--checkpoint", f"bench={assets.mistral_dir}"]
         self._log = open(log, "wb")
         self.log_path = log
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))  # before any thread starts
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=pin)
         deadline = time.monotonic() + 180
         while True:
             if self.proc.poll() is not None:
@@ -234,6 +236,53 @@ def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
     row = summarise_runs(runs, args.http_n)
     row["cpu_ms_per_request"] = {"server": stats([r["cpu_ms_per_request"]["server"] for r in runs])["median"]}
     return row
+
+
+@contextlib.contextmanager
+def pinned(cpus: set[int], *, torch_threads: int | None = None, pids: tuple[int, ...] = ()):
+    """Run this process's main thread (and threads it starts from now on), and `pids`, on `cpus` only."""
+    own, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    others = {pid: os.sched_getaffinity(pid) for pid in pids}
+    os.sched_setaffinity(0, cpus)
+    for pid in pids:
+        os.sched_setaffinity(pid, cpus)
+    if torch_threads is not None:
+        torch.set_num_threads(torch_threads)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, own)
+        for pid, mask in others.items():
+            os.sched_setaffinity(pid, mask)
+        torch.set_num_threads(threads)
+
+
+def split_phase(assets: Assets, redis: Redis, dn: str, args, emb_source) -> dict | None:
+    """The serving overhead without the load generator in the way: the in-process pool on one core (one torch
+    thread) against `loragen serve` on that same core, its clients (this process) and Redis on the others.
+    On a shared 2-core machine the 32 clients and Redis otherwise take their CPU from the generator."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2 or not redis.pids:  # needs a core to spare, and our own Redis to move
+        return None
+    core, rest = {cores[0]}, set(cores[1:])
+    with pinned(core, torch_threads=1):
+        inp = in_process(assets, dn, args, emb_source)
+    print(f"  in-process pool {dn:8s} on 1 core: {inp['per_s']:.2f}/s", flush=True)
+    server = Server(assets, redis, dn, args, assets.workdir / f"serve-{dn}-1core.log",
+                    {"OMP_NUM_THREADS": "1"}, cpus=core)
+    try:
+        with pinned(rest, pids=tuple(redis.pids)):
+            make = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
+                              for e in emb_source(args.http_n)]
+            warm = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
+                              for e in emb_source(min(args.http_concurrency, 16))]
+            miss = http_phase(server, redis, f"{dn} miss, server on 1 core", make, args.http_n,
+                              args.http_concurrency, "miss", args, warm)
+    finally:
+        server.stop()
+        redis.delete_prefix(server.prefix)
+    return {"server_cpus": sorted(core), "client_and_redis_cpus": sorted(rest), "in_process": inp,
+            "miss_embedding": miss, "miss_over_in_process": miss["per_s"] / inp["per_s"]}
 
 
 def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, concurrency: int,
@@ -430,6 +479,7 @@ def run(assets: Assets, args) -> dict:
             finally:
                 server.stop()
                 redis.delete_prefix(server.prefix)
+            row["split"] = split_phase(assets, redis, dn, args, emb_source)
             res["dtypes"][dn] = row
     finally:
         redis.close()

@@ -5,6 +5,7 @@ the machinery, not the machine: the numbers of a --quick run mean nothing."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -48,6 +49,8 @@ def test_quick_suite_writes_a_complete_report(tmp_path):
     for k in ("in_process", "miss_embedding", "miss_text"):
         assert _positive(row[k]["per_s"]) and row[k]["p50_ms"] <= row[k]["p95_ms"] <= row[k]["p99_ms"]
     assert _positive(row["miss_over_in_process"])
+    if len(os.sched_getaffinity(0)) > 1:  # the split rows need a core for the server and one for the rest
+        assert _positive(row["split"]["miss_over_in_process"]) and row["split"]["server_cpus"] == [min(os.sched_getaffinity(0))]
     assert set(http["hits"]) == set(http["hits_redis"]) == set(http["redis_benchmark"]) == {"1", "2"}
     assert all(_positive(x["p50_ms"]) for x in [*http["hits"].values(), *http["hits_redis"].values()])
     floor = http["client_floor"]
