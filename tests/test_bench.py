@@ -65,3 +65,18 @@ def test_quick_suite_writes_a_complete_report(tmp_path):
     assert all(isinstance(t["met"], bool) for t in r["targets"])
     for heading in ("**Generation**", "**Encoder**", "**Per-request baseline**", "**HTTP on loopback**"):
         assert heading in md
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("redis-benchmark") is None,
+                    reason="needs curl and redis-benchmark")
+def test_hit_path_measures_every_kind_of_hit(capsys):
+    """The before/after script of the hit path runs whole: every kind of hit, CPU per hit, redis-benchmark."""
+    from benchmarks.hit_path import main as hit_path
+
+    assert hit_path(["--n", "2"]) == 0
+    table = capsys.readouterr().out.split("| kind |", 1)[1]
+    rows = [line.split("|")[1:-1] for line in table.splitlines()[2:] if line.startswith("|")]
+    assert [r[0].strip() for r in rows[:4]] == ["httpx POST cached input", "httpx GET by id",
+                                                "curl POST cached input", "curl GET by id"]
+    assert all(float(r[1]) > 0 and float(r[3]) >= 0 for r in rows[:4])
+    assert rows[4][0].strip().startswith("redis-benchmark GET") and float(rows[4][1]) > 0

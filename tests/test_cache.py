@@ -479,10 +479,11 @@ async def test_redis_allkeys_lru_evicts_and_never_serves_wrong_bytes(make_redis,
         written[key(i)] = os.urandom(2 * PIECE_BYTES + 100_000)
         await c.put(key(i), written[key(i)])
     assert await c.get(key(171)) == written[key(171)]  # the newest survives (read first: reads refresh LRU age)
+    # reading makes Redis build large replies, which count against maxmemory and may evict more: what is
+    # read now may be anything from nothing to all that is left, but never wrong bytes
     results = {k: await c.get(k) for k in written}
     assert all(got is None or got == written[k] for k, got in results.items())
-    held = sum(got is not None for got in results.values())
-    assert 0 < held < len(written)
+    assert sum(got is not None for got in results.values()) < len(written)
     assert c.stats.corrupt == 0 and c.stats.errors == 0
 
 
