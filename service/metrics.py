@@ -38,12 +38,13 @@ class Metrics:
         self.disconnects = Counter("loragen_client_disconnects", "clients that hung up before their adapter was ready",
                                    registry=r)
         self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
+        self._near_hits = _Counted("loragen_cache_near_hits",
+                                   "cache hits answered from the in-process near cache, without Redis", lambda: 0)
+        r.register(self._near_hits)
 
     def count_near_hits(self, near_hits: Callable[[], int]) -> None:
         """Export the cache's own count of hits answered from process memory (service.cache.NearCache)."""
-        self.registry.register(_Counted("loragen_cache_near_hits",
-                                        "cache hits answered from the in-process near cache, without Redis",
-                                        near_hits))
+        self._near_hits.value = near_hits
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
