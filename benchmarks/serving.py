@@ -213,6 +213,14 @@ def _embedding_body(e: torch.Tensor) -> bytes:
     return json.dumps({"embedding": [round(float(v), 6) for v in e]}).encode()
 
 
+def embedding_misses(emb_source, args):
+    """(requests of a run, warm-up requests of a run): POSTs of fresh, distinct embeddings, as http_phase takes."""
+    def requests(n: int):
+        return lambda i: [("POST", "/v1/adapters", _embedding_body(e)) for e in emb_source(n)]
+
+    return requests(args.http_n), requests(min(args.http_concurrency, 16))
+
+
 # ------------------------------------------------------------------------------------------- phases
 
 def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
@@ -272,10 +280,7 @@ def split_phase(assets: Assets, redis: Redis, dn: str, args, emb_source) -> dict
                     {"OMP_NUM_THREADS": "1"}, cpus=core)
     try:
         with pinned(rest, pids=tuple(redis.pids)):
-            make = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
-                              for e in emb_source(args.http_n)]
-            warm = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
-                              for e in emb_source(min(args.http_concurrency, 16))]
+            make, warm = embedding_misses(emb_source, args)
             miss = http_phase(server, redis, f"{dn} miss, server on 1 core", make, args.http_n,
                               args.http_concurrency, "miss", args, warm)
     finally:
@@ -459,11 +464,7 @@ def run(assets: Assets, args) -> dict:
             server = Server(assets, redis, dn, args, assets.workdir / f"serve-{dn}.log")
             try:
                 stored: list = []
-                make_emb = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
-                                      for e in emb_source(args.http_n)]
-
-                warm = lambda i: [("POST", "/v1/adapters", _embedding_body(e))  # noqa: E731
-                                  for e in emb_source(min(args.http_concurrency, 16))]
+                make_emb, warm = embedding_misses(emb_source, args)
                 row["miss_embedding"] = http_phase(server, redis, f"{dn} miss (embedding) c={args.http_concurrency}",
                                                    make_emb, args.http_n, args.http_concurrency, "miss", args, warm, stored)
                 row["miss_over_in_process"] = row["miss_embedding"]["per_s"] / inp["per_s"]

@@ -378,25 +378,26 @@ class RedisCache(AdapterCache):
             digest, length, n = self._header(head)
             first = memoryview(head)[HEADER.size :]
             rest = await self._run("MGET of the pieces", self._redis.mget(self._piece_keys(rkey, n))) if n > 1 else []
-            if any(p is None for p in rest):
-                raise _IncompleteEntry(f"{sum(p is None for p in rest)} of {n} pieces missing (evicted)")
-            if first.nbytes + sum(len(p) for p in rest) != length:
-                raise _CorruptEntry(f"pieces hold {first.nbytes + sum(len(p) for p in rest)} bytes, the header says {length}")
+            missing = sum(p is None for p in rest)
+            if missing:
+                raise _IncompleteEntry(f"{missing} of {n} pieces missing (evicted)")
+            held = first.nbytes + sum(map(len, rest))
+            if held != length:
+                raise _CorruptEntry(f"pieces hold {held} bytes, the header says {length}")
             if entry_digest(key, first, *rest) != digest:
                 raise _CorruptEntry("checksum mismatch (damaged, or another adapter's entry)")
         except (_CorruptEntry, _IncompleteEntry) as exc:
             self.stats.misses += 1
             corrupt = isinstance(exc, _CorruptEntry)
             self.stats.corrupt += corrupt
+            what = "corrupt" if corrupt else "incomplete"
             keys = [rkey, *self._piece_keys(rkey, n)]
             try:
                 await self._run("DEL of a damaged entry", self._delete_if_equal(keys=keys, args=[head]))
             except CacheUnavailable as del_exc:
-                logger.warning("%s cache entry %s (%s) not deleted: %s", "corrupt" if corrupt else "incomplete",
-                               key, exc, del_exc)
+                logger.warning("%s cache entry %s (%s) not deleted: %s", what, key, exc, del_exc)
             else:
-                (logger.warning if corrupt else logger.info)(
-                    "deleted %s cache entry %s: %s", "corrupt" if corrupt else "incomplete", key, exc)
+                (logger.warning if corrupt else logger.info)("deleted %s cache entry %s: %s", what, key, exc)
             return None
         self.stats.hits += 1
         return b"".join([first, *rest])
@@ -467,33 +468,28 @@ class NearCache(AdapterCache):
 
     backend = "redis"
 
-    def __init__(self, far: RedisCache, near: MemoryCache):
-        super().__init__()
+    def __init__(self, far: RedisCache, near: MemoryCache):  # no stats of its own: see the property
         self.far, self.near = far, near
 
-    def _sync(self) -> None:
-        s, n, f = self.stats, self.near.stats, self.far.stats
-        s.hits, s.near_hits, s.misses = n.hits + f.hits, n.hits, f.misses
-        s.corrupt, s.puts, s.errors = n.corrupt + f.corrupt, f.puts, f.errors
-        s.bytes, s.evictions = n.bytes, n.evictions  # held in this process, as for MemoryCache
+    @property
+    def stats(self) -> CacheStats:  # type: ignore[override]
+        """Both tiers' counts: bytes and evictions are the near cache's (held in this process, as for
+        MemoryCache); a miss is a miss of both."""
+        n, f = self.near.stats, self.far.stats
+        return CacheStats(hits=n.hits + f.hits, misses=f.misses, corrupt=n.corrupt + f.corrupt, puts=f.puts,
+                          errors=f.errors, bytes=n.bytes, evictions=n.evictions, near_hits=n.hits)
 
     async def get(self, key: str) -> bytes | None:
-        try:
-            data = await self.near.get(key)
-            if data is None:
-                data = await self.far.get(key)
-                if data is not None:
-                    await self.near.put(key, data)
-            return data
-        finally:
-            self._sync()
+        data = await self.near.get(key)
+        if data is None:
+            data = await self.far.get(key)
+            if data is not None:
+                await self.near.put(key, data)
+        return data
 
     async def put(self, key: str, data: bytes) -> None:
-        try:
-            await self.near.put(key, data)
-            await self.far.put(key, data)
-        finally:
-            self._sync()
+        await self.near.put(key, data)
+        await self.far.put(key, data)
 
     async def contains(self, key: str) -> bool:
         return await self.near.contains(key) or await self.far.contains(key)
@@ -508,7 +504,6 @@ class NearCache(AdapterCache):
     async def close(self) -> None:
         await self.near.close()
         await self.far.close()
-        self._sync()
 
     def lock(self, key: str, ttl_s: float) -> AbstractAsyncContextManager[bool]:
         return self.far.lock(key, ttl_s)
