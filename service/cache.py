@@ -12,20 +12,20 @@ Backends, behind one async interface (`AdapterCache`):
   answered from memory, without Redis (the default with Redis). Adapter ids are content hashes, so an entry
   never changes and a near copy is never stale; only entries that passed their check are kept.
 - `RedisCache`: shared by API replicas. Meant for an `allkeys-lru` instance, so any key may vanish at any
-  moment; nothing here relies on a key persisting, and pieces that do not belong together fail the checksum. A Redis that cannot be reached or
-  refuses writes raises `CacheUnavailable`; the service degrades to uncached, and redis-py reconnects by
-  itself when Redis comes back.
+  moment; nothing here relies on a key persisting, and pieces that do not belong together fail the checksum.
+  A Redis that cannot be reached or refuses writes raises `CacheUnavailable`; the service degrades to
+  uncached, and redis-py reconnects by itself when Redis comes back.
 
 Redis entry: the head at `{prefix}adapter:{id}` = header + the payload's first piece, and one key per further
-piece at `{prefix}adapter:{id}:{i}` (i = 1, 2, ...), pieces of PIECE_BYTES. Header = b"LGA3" magic, 16-byte
-xxh3-128 of (id + "\n" + payload), 8-byte payload length, 4-byte piece size, big-endian (32 bytes). The digest
-covers the id, so a whole, self-consistent entry filed under another id (a copy, a bug elsewhere) fails its
-check like a damaged one; xxh3 is a checksum against damage, not a signature (whoever can write to Redis can
-write anything). Pieces because Redis stores and sends 1 MiB values several times faster than one ~14 MB
-value (README.md, Performance). A put writes the pieces, then the head, in one pipeline on one connection, all
-with the TTL: a reader that finds a head finds its pieces, unless Redis evicted one since (allkeys-lru
-evicts keys one by one); such an incomplete entry reads as a miss and is cleared, a damaged one as corrupt.
-Single-flight locks live at `{prefix}lock:{id}`.
+piece at `{prefix}adapter:{id}:{i}` (i = 1, 2, ...), pieces of PIECE_BYTES (just under 1 MiB; a reader takes
+the piece size from the header). Header = b"LGA3" magic, 16-byte xxh3-128 of (id + "\n" + payload), 8-byte
+payload length, 4-byte piece size, big-endian (32 bytes). The digest covers the id, so a whole, self-consistent
+entry filed under another id (a copy, a bug elsewhere) fails its check like a damaged one; xxh3 is a checksum
+against damage, not a signature (whoever can write to Redis can write anything). Pieces because Redis stores
+and sends 1 MiB values several times faster than one ~14 MB value (README.md, Performance). A put writes the
+pieces, then the head, in one pipeline on one connection, all with the TTL: a reader that finds a head finds
+its pieces, unless Redis evicted one since (allkeys-lru evicts keys one by one); such an incomplete entry
+reads as a miss and is cleared, a damaged one as corrupt. Single-flight locks live at `{prefix}lock:{id}`.
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ T = TypeVar("T")
 
 MAGIC = b"LGA3"  # older entries (LGA1, LGA2: one key, sha256) read as corrupt: dropped and regenerated
 HEADER = struct.Struct(">4s16sQI")  # magic, xxh3-128(id, payload), len(payload), piece size: 32 bytes
-PIECE_BYTES = 1 << 20
+# Just under 1 MiB: Redis's allocator (jemalloc) rounds every value, with its string header (<= 18 bytes), up
+# to a size class, and the class after 1 MiB is 1.25 MiB: pieces of exactly 1 MiB took a quarter more
+# maxmemory than the adapters they held. The head holds the header too, so it fits the same class.
+PIECE_BYTES = (1 << 20) - HEADER.size - 64
 _KEY = re.compile(r"[0-9A-Za-z_-]{1,128}")
 SOCKET_READ_SIZE = 1 << 20
 # Errors that mean "the backend is not usable right now". redis-py wraps socket errors, but a bare OSError or

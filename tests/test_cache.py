@@ -283,6 +283,42 @@ async def test_redis_large_entry_is_stored_in_pieces(make_redis, redis_server, r
     assert await c.get(KEY) == b"now small"
 
 
+@pytest.mark.asyncio
+async def test_redis_entry_takes_no_more_memory_than_its_bytes(make_redis, redis_server, redis_prefix):
+    """Redis's allocator rounds a value up to its size class: a value of exactly 1 MiB (plus the string's own
+    header) takes 1.25 MiB, so 1 MiB pieces cost a quarter more maxmemory than the adapters they hold. Every key
+    of an entry, head included, is sized to fit its class."""
+    c = make_redis(ttl_s=600)
+    data = os.urandom(5 * PIECE_BYTES + 777)
+    await c.put(KEY, data)
+    k = f"{redis_prefix}adapter:{KEY}"
+    with redis_server.client() as r:
+        keys = [k, *(f"{k}:{i}" for i in range(1, 6))]
+        used = [r.memory_usage(x, samples=0) for x in keys]
+        held = [r.strlen(x) for x in keys]
+    assert None not in used and sum(held) == HEADER.size + len(data)
+    for x, u, h in zip(keys, used, held, strict=True):
+        assert u - h < 1024, f"{x}: {h} bytes take {u} in Redis"
+    assert await c.get(KEY) == data
+
+
+@pytest.mark.asyncio
+async def test_redis_reads_entries_written_with_another_piece_size(make_redis, redis_server, redis_prefix):
+    """Readers take the piece size from the header: entries written with 1 MiB pieces (before PIECE_BYTES was cut
+    to fit Redis's size class) still read, and are not mistaken for damaged ones."""
+    c = make_redis(ttl_s=600)
+    old_piece = 1 << 20
+    data = os.urandom(2 * old_piece + 99)
+    k = f"{redis_prefix}adapter:{KEY}"
+    with redis_server.client() as r:
+        r.set(f"{k}:1", data[old_piece : 2 * old_piece], ex=600)
+        r.set(f"{k}:2", data[2 * old_piece :], ex=600)
+        r.set(k, HEADER.pack(MAGIC, entry_digest(KEY, data), len(data), old_piece) + data[:old_piece], ex=600)
+    assert old_piece != PIECE_BYTES
+    assert await c.get(KEY) == data and await c.size(KEY) == len(data)
+    assert (c.stats.hits, c.stats.corrupt) == (1, 0)
+
+
 def _flip_in_piece(r, k: str) -> None:
     raw = r.get(f"{k}:1")
     r.setrange(f"{k}:1", 500, bytes([raw[500] ^ 0x01]))
