@@ -146,13 +146,13 @@ async def pool_run(gen: LoraGenerator, warm: list[Job], jobs: list[Job], *, max_
     try:
         await closed_loop(pool, warm, concurrency)
         h0 = hist_snapshot(metrics)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         lat, sizes = await closed_loop(pool, jobs, concurrency)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         h1 = hist_snapshot(metrics)
     finally:
         await pool.close()
-    return {"wall_s": wall, "latencies_s": lat, "bytes_sizes": sorted(sizes), "hist": hist_delta(h0, h1)}
+    return {"wall_s": wall, "cpu_s": cpu, "latencies_s": lat, "bytes_sizes": sorted(sizes), "hist": hist_delta(h0, h1)}
 
 
 def direct_run(gen: LoraGenerator, warm: list[TaskInput], items: list[TaskInput], chunk: int) -> dict:

@@ -31,18 +31,10 @@ def targets(r: dict) -> list[dict]:
                     "met": eff >= 0.60})
     http = r.get("http", {})
     for dn, row in http.get("dtypes", {}).items():
-        ratio = row["miss_over_in_process"]
-        out.append({"target": f"HTTP cache-miss throughput >= 85% of in-process at the same batch size ({dn})",
-                    "measured": f"{row['miss_embedding']['per_s']:.2f} vs {row['in_process']['per_s']:.2f} adapters/s "
-                                f"= {100 * ratio:.0f}% (max_batch_size {http['batch_size']}, {http['concurrency']} clients)",
-                    "met": ratio >= 0.85})
-        split = row.get("split")
-        if split:
-            out.append({"target": f"HTTP cache-miss throughput >= 85% of in-process ({dn}; both on one core, the "
-                                  "clients and Redis on the other)",
-                        "measured": f"{split['miss_embedding']['per_s']:.2f} vs {split['in_process']['per_s']:.2f} "
-                                    f"adapters/s = {100 * split['miss_over_in_process']:.0f}%",
-                        "met": split["miss_over_in_process"] >= 0.85})
+        for where, x in (("2 shared cores", row), ("server and in-process each on one core, the clients and Redis on "
+                                                   "the other", row.get("split"))):
+            if x:
+                out.append(_miss_target(dn, where, x, http))
     rb = (http.get("redis_benchmark") or {}).get("1")
     if rb and http.get("hits"):
         # judged with one client in C (curl) against redis-benchmark's C client when curl is there: httpx alone
@@ -63,6 +55,22 @@ def targets(r: dict) -> list[dict]:
                     "met": judged["p50_ms"] <= 2 * rb["p50_ms"]})
     return out
 
+
+
+def _miss_target(dn: str, where: str, x: dict, http: dict) -> dict:
+    """The miss-throughput target for one dtype and core layout: judged with the load generator in C (curl) when
+    it ran, as the hit target is: 32 httpx clients spend as much CPU reading the bodies as the server spends
+    generating them (bfloat16), on the same cores; the httpx ratio is given beside it."""
+    inp, hx = x["in_process"]["per_s"], x["miss_embedding"]
+    curl = x.get("miss_embedding_curl")
+    judged, client = (curl, "curl") if curl else (hx, "httpx")
+    ratio = judged["per_s"] / inp
+    measured = (f"{judged['per_s']:.2f} vs {inp:.2f} adapters/s = {100 * ratio:.0f}% (max_batch_size "
+                f"{http['batch_size']}, {http['concurrency']} {client} clients)")
+    if curl:
+        measured += f"; {http['concurrency']} httpx clients: {hx['per_s']:.2f} = {100 * hx['per_s'] / inp:.0f}%"
+    return {"target": f"HTTP cache-miss throughput >= 85% of in-process at the same batch size ({dn}; {where}; "
+                      f"{client})", "measured": measured, "met": ratio >= 0.85}
 
 def markdown(r: dict) -> str:
     m, v = r["machine"], r["versions"]
@@ -151,8 +159,11 @@ def markdown(r: dict) -> str:
                 lines.append(f"| {dn} compute, {r['http']['concurrency']} clients | {x:.2f} | {x * bl['median']:.1f}× |")
     if "http" in r:
         h = r["http"]
-        lines += ["", f"**HTTP on loopback** (`loragen serve`, Redis cache, max_batch_size {h['batch_size']}, "
-                  f"{h['concurrency']} closed-loop httpx clients unless said; float32 output; requests/s median "
+        redis_cfg = (f"our own Redis with maxmemory {h['redis_maxmemory']}, allkeys-lru, full when a miss run starts"
+                     if h.get("redis_maxmemory") else "Redis cache")
+        lines += ["", f"**HTTP on loopback** (`loragen serve`, {redis_cfg}, max_batch_size {h['batch_size']}, "
+                  f"{h['concurrency']} closed-loop httpx clients unless said (curl: one `curl --parallel` process "
+                  f"keeping {h['concurrency']} transfers going); float32 output; requests/s median "
                   f"[min–max] over {h['runs']} runs; latency over all runs' requests):", "",
                   "| compute | what | n×runs | requests/s | p50 ms | p95 ms | p99 ms | vs in-process | "
                   "CPU ms/request: server / Redis / clients | other cores |",
@@ -169,12 +180,18 @@ def markdown(r: dict) -> str:
         for dn, row in h["dtypes"].items():
             lines.append(hrow(dn, "in-process pool (no HTTP, no cache)", row["in_process"]))
             lines.append(hrow(dn, "miss, embedding input", row["miss_embedding"], row["miss_over_in_process"]))
+            if row.get("miss_embedding_curl"):
+                lines.append(hrow(dn, "miss, embedding input, curl clients", row["miss_embedding_curl"],
+                                  row["miss_curl_over_in_process"]))
             lines.append(hrow(dn, "miss, task text (encoder runs)", row["miss_text"]))
             if row.get("split"):
                 sp = row["split"]
                 lines.append(hrow(dn, "in-process pool on 1 core (1 torch thread)", sp["in_process"]))
                 lines.append(hrow(dn, "miss, server on that core; clients and Redis on the other",
                                   sp["miss_embedding"], sp["miss_over_in_process"]))
+                if sp.get("miss_embedding_curl"):
+                    lines.append(hrow(dn, "the same, curl clients", sp["miss_embedding_curl"],
+                                      sp["miss_curl_over_in_process"]))
         for key, where in (("hits", "near cache"), ("hits_redis", "from Redis")):
             for c, x in h.get(key, {}).items():
                 lines.append(hrow("–", f"hit ({where}), {c} client{'s' if c != '1' else ''}", x))

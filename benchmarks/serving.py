@@ -4,16 +4,19 @@ For each compute dtype, one server (`python -m service.cli serve`, the Mistral-7
 assets.py, Redis cache, max_batch_size B, max_wait_ms 5) and, in this process, N concurrent clients
 (httpx.AsyncClient, a closed loop: each sends a request, reads the whole body, sends the next):
   miss (embedding)   POST /v1/adapters {"embedding": [...]}, every input distinct: X-Cache: miss
+  miss (curl)        the same, the N clients being one `curl --parallel` process (a load generator in C)
   miss (task text)   POST /v1/adapters {"task": "..."}, distinct texts: the encoder runs too
   in-process         the same embedding jobs through service.pool.WorkerPool in this process, same B and N,
                      no HTTP and no cache: HTTP miss throughput / this = the serving overhead
 Then, once, cache hits: POST of inputs already cached (X-Cache: hit) at concurrency 1 and N, against
 `redis-benchmark -t set,get -d SIZE` on the same Redis with the cache entry's size, at the same concurrencies.
-Latency is from sending the request to having read the last byte of the body. CPU per request: CPU time
-the server process, Redis (when it is ours) and this process (the clients) used during a run, / requests:
-where the time goes, and a measure that contention distorts much less than wall time. Throughput = requests / wall
-time of a run; each row is `--http-runs` runs of fresh, distinct inputs (median [min–max]); latency
-percentiles pool the requests of all runs. The clients share the machine's cores with the server.
+Our own Redis is configured as docker-compose.yml configures the service's (maxmemory 2gb, allkeys-lru) and
+is full when a miss run starts (Redis.fill): a cache's steady state. Latency is from sending the request to
+having read the last byte of the body. CPU per request: CPU time the server process, Redis (when it is ours)
+and the clients (this process; curl) used during a run, / requests: where the time goes, and a measure that
+contention distorts much less than wall time. Throughput = requests / wall time of a run; each row is
+`--http-runs` runs of fresh, distinct inputs (median [min–max]); latency percentiles pool the requests of all
+runs. The clients share the machine's cores with the server.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from benchmarks.bench_pool import make_jobs, pool_run
 from benchmarks.common import DTYPES, OtherLoad, percentile, stats
 from benchmarks.generation import embeddings
 from generator.pipeline import LoraGenerator, TaskInput
+from service.cache import HEADER, PIECE_BYTES
 
 
 def free_port() -> int:
@@ -51,19 +55,23 @@ def free_port() -> int:
 
 
 class Redis:
-    """The Redis the service caches in: `url` if given, else our own redis-server on a free port."""
+    """The Redis the service caches in: `url` if given, else our own redis-server on a free port, configured as
+    docker-compose.yml configures the service's (`maxmemory`, `allkeys-lru`)."""
 
-    def __init__(self, url: str | None, workdir: Path):
+    def __init__(self, url: str | None, workdir: Path, maxmemory: str = "2gb"):
         self.proc: subprocess.Popen | None = None
+        self.maxmemory = None
         if url is None:
             binary = shutil.which("redis-server")
             if binary is None:
                 raise RuntimeError("no redis-server on PATH; install Redis or pass --redis-url")
             port = free_port()
             self.proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                          "--appendonly", "no", "--dir", str(workdir)],
+                                          "--appendonly", "no", "--maxmemory", maxmemory,
+                                          "--maxmemory-policy", "allkeys-lru", "--dir", str(workdir)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             url = f"redis://127.0.0.1:{port}/0"
+            self.maxmemory = maxmemory
         self.url = url
         self.client = redis_sync.Redis.from_url(url, socket_timeout=30)
         deadline = time.monotonic() + 10
@@ -80,6 +88,26 @@ class Redis:
         kw = self.client.connection_pool.connection_kwargs
         self.host, self.port = kw.get("host", "127.0.0.1"), kw.get("port", 6379)
         self.pids = [self.proc.pid] if self.proc else []
+        self._fill = iter(range(10**12))
+
+    def fill(self) -> int:
+        """Bring our own Redis to a cache's steady state: full, so that every store evicts older entries and
+        reuses their memory, as in production after the first hours. Into an empty Redis every store takes
+        fresh memory, faulted in page by page: on the benchmark VM that cost Redis 11-45 ms of CPU per 13.65 MB
+        entry instead of about 3. Writes filler values of the cache's piece size (so what they free fits the
+        pieces that replace them) until Redis evicts; returns the bytes written. A Redis given by URL is not
+        ours to fill: 0."""
+        if self.proc is None:
+            return 0
+        value = bytes(PIECE_BYTES)
+        evicted0, written = self.client.info("stats")["evicted_keys"], 0
+        while self.client.info("stats")["evicted_keys"] == evicted0:
+            pipe = self.client.pipeline(transaction=False)
+            for _ in range(16):
+                pipe.set(f"bench-fill:{next(self._fill)}", value)
+            pipe.execute()
+            written += 16 * len(value)
+        return written
 
     def delete_prefix(self, prefix: str) -> None:
         for batch in _chunks(self.client.scan_iter(match=prefix + "*", count=1000), 500):
@@ -199,6 +227,53 @@ async def closed_loop(url: str, requests: list[tuple[str, str, bytes | None]], c
     return {"wall_s": wall, "latencies_s": lat, "sizes": sorted(sizes), "ids": ids, "answered_as_miss": unexpected[0]}
 
 
+# per transfer: its index in the config, status, X-Cache, X-Adapter-Id, bytes read, Content-Length, seconds
+_CURL_OUT = ("%{urlnum}|%{http_code}|%header{x-cache}|%header{x-adapter-id}|%{size_download}|%header{content-length}"
+             "|%{time_total}\\n")
+
+
+def curl_loop(url: str, requests: list[tuple[str, str, bytes | None]], concurrency: int, expect_cache: str,
+              workdir: Path) -> dict:
+    """closed_loop's work with a load generator in C: one `curl --parallel` process keeps `concurrency`
+    transfers going (a new one starts as one ends) over `requests`, reading every body into /dev/null. The
+    httpx clients spend 30-35 ms of CPU reading a 13.65 MB body, about what the server spends generating it in
+    bfloat16; on a 2-core machine that CPU comes out of the server's. Latency: curl's time_total, from the
+    transfer's start to its last byte. Same result as closed_loop."""
+    binary = shutil.which("curl")
+    if binary is None:
+        raise RuntimeError("no curl on PATH")
+    entries = []
+    for j, (method, path, body) in enumerate(requests):
+        entry = [f'url = "{url}{path}"', f"request = {method}", 'output = "/dev/null"', f'write-out = "{_CURL_OUT}"']
+        if body is not None:
+            f = workdir / f"curl-loop-{j}.json"
+            f.write_bytes(body)
+            entry += ['header = "content-type: application/json"', f'data-binary = "@{f}"']
+        entries.append("\n".join(entry) + "\n")
+    config = workdir / "curl-loop.cfg"
+    config.write_text("next\n".join(entries))
+    t0 = time.perf_counter()
+    proc = subprocess.run([binary, "--silent", "--show-error", "--parallel", "--parallel-immediate", "--parallel-max",
+                           str(concurrency), "--config", str(config)], capture_output=True, text=True, timeout=3600)
+    wall = time.perf_counter() - t0
+    lines = proc.stdout.splitlines()
+    if proc.returncode != 0 or len(lines) != len(requests):
+        raise RuntimeError(f"curl exited {proc.returncode} with {len(lines)} of {len(requests)} results: "
+                           f"{proc.stderr.strip()[-1000:]}")
+    lat, ids, sizes, unexpected = [0.0] * len(requests), [None] * len(requests), set(), 0
+    for line in lines:  # in the order transfers ended; urlnum is the request's index
+        i, status, cache, adapter_id, size, length, seconds = line.split("|")
+        i = int(i)
+        if status != "200" or (cache != expect_cache and expect_cache == "miss"):
+            raise RuntimeError(f"curl: {status} X-Cache {cache!r} (expected 200 {expect_cache})")
+        if size != length:
+            raise RuntimeError(f"curl: {size} bytes read of {length}")
+        unexpected += cache != expect_cache
+        lat[i], ids[i] = float(seconds), adapter_id
+        sizes.add(int(size))
+    return {"wall_s": wall, "latencies_s": lat, "sizes": sorted(sizes), "ids": ids, "answered_as_miss": unexpected}
+
+
 def summarise_runs(runs: list[dict], n: int) -> dict:
     rates = [n / r["wall_s"] for r in runs]
     lat = [t for r in runs for t in r["latencies_s"]]
@@ -233,11 +308,10 @@ def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
         wj, jj = make_jobs(warm, gen, dn, f"w{i}"), make_jobs(items, gen, dn, f"r{i}")
         if args.wait is not None:
             args.wait()
-        c0 = time.process_time()
         with OtherLoad() as load:
             out = asyncio.run(pool_run(gen, wj, jj, max_batch_size=args.http_batch, max_wait_ms=5.0,
                                        concurrency=args.http_concurrency))
-        out["cpu_ms_per_request"] = {"server": 1e3 * (time.process_time() - c0) / args.http_n}
+        out["cpu_ms_per_request"] = {"server": 1e3 * out["cpu_s"] / args.http_n}  # the timed jobs' (not the warm-up's)
         out["other_load_cores"] = load.cores
         runs.append(out)
     del gen
@@ -248,10 +322,15 @@ def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
 
 @contextlib.contextmanager
 def pinned(cpus: set[int], *, torch_threads: int | None = None, pids: tuple[int, ...] = ()):
-    """Run this process's main thread (and threads it starts from now on), and `pids`, on `cpus` only."""
-    own, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    """Run every thread of this process (those running now: Linux sets affinity per thread, and a thread
+    inherits its creator's), the threads it starts from now on, and `pids`, on `cpus` only."""
+    threads = torch.get_num_threads()
+    own = {}
+    for tid in map(int, os.listdir("/proc/self/task")):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            own[tid] = os.sched_getaffinity(tid)
+            os.sched_setaffinity(tid, cpus)
     others = {pid: os.sched_getaffinity(pid) for pid in pids}
-    os.sched_setaffinity(0, cpus)
     for pid in pids:
         os.sched_setaffinity(pid, cpus)
     if torch_threads is not None:
@@ -259,9 +338,9 @@ def pinned(cpus: set[int], *, torch_threads: int | None = None, pids: tuple[int,
     try:
         yield
     finally:
-        os.sched_setaffinity(0, own)
-        for pid, mask in others.items():
-            os.sched_setaffinity(pid, mask)
+        for tid, mask in [*own.items(), *others.items()]:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(tid, mask)
         torch.set_num_threads(threads)
 
 
@@ -283,31 +362,51 @@ def split_phase(assets: Assets, redis: Redis, dn: str, args, emb_source) -> dict
             make, warm = embedding_misses(emb_source, args)
             miss = http_phase(server, redis, f"{dn} miss, server on 1 core", make, args.http_n,
                               args.http_concurrency, "miss", args, warm)
+            curl = None if shutil.which("curl") is None else http_phase(
+                server, redis, f"{dn} miss (curl), server on 1 core", make, args.http_n, args.http_concurrency,
+                "miss", args, warm, client="curl")
     finally:
         server.stop()
         redis.delete_prefix(server.prefix)
     return {"server_cpus": sorted(core), "client_and_redis_cpus": sorted(rest), "in_process": inp,
-            "miss_embedding": miss, "miss_over_in_process": miss["per_s"] / inp["per_s"]}
+            "miss_embedding": miss, "miss_over_in_process": miss["per_s"] / inp["per_s"],
+            "miss_embedding_curl": curl, "miss_curl_over_in_process": curl and curl["per_s"] / inp["per_s"]}
 
 
 def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, concurrency: int,
-               expect: str, args, warm_requests=None, stored: list | None = None) -> dict:
-    """`--http-runs` runs of `make_requests(i)`; for misses, the requests whose adapters were then found in
-    the cache are appended to `stored`."""
+               expect: str, args, warm_requests=None, stored: list | None = None, client: str = "httpx") -> dict:
+    """`--http-runs` runs of `make_requests(i)` by `client` (httpx: closed_loop; curl: curl_loop); for misses,
+    our own Redis is filled first (Redis.fill), and the requests whose adapters were then found in the cache
+    are appended to `stored`."""
     stored = [] if stored is None else stored
+    if client == "httpx":
+        def drive(reqs):
+            return asyncio.run(closed_loop(server.url, reqs, concurrency, expect))
+
+        def client_cpu():
+            return time.process_time()
+    else:
+        def drive(reqs):
+            return curl_loop(server.url, reqs, concurrency, expect, server.log_path.parent)
+
+        def client_cpu():  # curl's, once it has exited and been waited for
+            t = os.times()
+            return t.children_user + t.children_system
     runs = []
     for i in range(args.http_runs):
+        if expect == "miss":
+            redis.fill()
         if warm_requests is not None:
-            asyncio.run(closed_loop(server.url, warm_requests(i), concurrency, expect))
+            drive(warm_requests(i))
         reqs = make_requests(i)
         if args.wait is not None:
             args.wait()
         cpu0 = {"server": cpu_s(server.proc.pid), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
-                "client": time.process_time()}
-        with OtherLoad([server.proc.pid, *redis.pids]) as load:
-            out = asyncio.run(closed_loop(server.url, reqs, concurrency, expect))
+                "client": client_cpu()}
+        with OtherLoad([server.proc.pid, *redis.pids], children=client == "curl") as load:
+            out = drive(reqs)
         cpu1 = {"server": cpu_s(server.proc.pid), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
-                "client": time.process_time()}
+                "client": client_cpu()}
         out["cpu_ms_per_request"] = {k: None if cpu0[k] is None or cpu1[k] is None else 1e3 * (cpu1[k] - cpu0[k]) / n
                                      for k in cpu0}
         out["other_load_cores"] = load.cores
@@ -318,6 +417,7 @@ def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, 
         del out["ids"]
         runs.append(out)
     row = summarise_runs(runs, n)
+    row["client"] = client
     if expect == "miss":
         row["not_cached"] = [r["not_cached"] for r in runs]
     else:
@@ -326,8 +426,9 @@ def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, 
                                  if runs[0]["cpu_ms_per_request"][k] is not None else None
                                  for k in runs[0]["cpu_ms_per_request"]}
     print(f"  http {label:34s} {row['per_s']:8.2f}/s [{row['per_s_range'][0]:.2f}–{row['per_s_range'][1]:.2f}] "
-          f"p50 {row['p50_ms']:7.1f} p95 {row['p95_ms']:7.1f} p99 {row['p99_ms']:7.1f} ms | other procs' cores "
-          f"{row['other_load_cores']}", flush=True)
+          f"p50 {row['p50_ms']:7.1f} p95 {row['p95_ms']:7.1f} p99 {row['p99_ms']:7.1f} ms | CPU ms/request "
+          + " / ".join(f"{k} {v:.1f}" for k, v in row["cpu_ms_per_request"].items() if v is not None)
+          + f" | other procs' cores {row['other_load_cores']}", flush=True)
     return row
 
 
@@ -439,9 +540,10 @@ def closed_loop_summary(out: dict) -> dict:
 def run(assets: Assets, args) -> dict:
     res: dict = {"batch_size": args.http_batch, "concurrency": args.http_concurrency, "n": args.http_n,
                  "runs": args.http_runs, "dtypes": {}}
-    redis = Redis(args.redis_url, assets.workdir)
+    redis = Redis(args.redis_url, assets.workdir, args.redis_maxmemory)
     res["redis_version"] = redis.version
     res["redis_url"] = "own redis-server" if args.redis_url is None else "given"
+    res["redis_maxmemory"] = redis.maxmemory
     counter = iter(range(10**9))
     g_seed = args.seed + 1000
 
@@ -468,6 +570,11 @@ def run(assets: Assets, args) -> dict:
                 row["miss_embedding"] = http_phase(server, redis, f"{dn} miss (embedding) c={args.http_concurrency}",
                                                    make_emb, args.http_n, args.http_concurrency, "miss", args, warm, stored)
                 row["miss_over_in_process"] = row["miss_embedding"]["per_s"] / inp["per_s"]
+                if shutil.which("curl"):
+                    row["miss_embedding_curl"] = curl = http_phase(
+                        server, redis, f"{dn} miss (embedding, curl) c={args.http_concurrency}", make_emb, args.http_n,
+                        args.http_concurrency, "miss", args, warm, client="curl")
+                    row["miss_curl_over_in_process"] = curl["per_s"] / inp["per_s"]
                 mk_text = lambda i: [("POST", "/v1/adapters", json.dumps({"task": t}).encode())  # noqa: E731
                                      for t in texts(args.http_text_n)]
                 warm_text = lambda i: [("POST", "/v1/adapters", json.dumps({"task": t}).encode())  # noqa: E731
@@ -482,6 +589,7 @@ def run(assets: Assets, args) -> dict:
                 redis.delete_prefix(server.prefix)
             row["split"] = split_phase(assets, redis, dn, args, emb_source)
             res["dtypes"][dn] = row
+        res["redis_evicted_keys"] = redis.client.info("stats")["evicted_keys"]
     finally:
         redis.close()
     return res
@@ -493,12 +601,14 @@ def hit_phases(assets: Assets, redis: Redis, server: Server, stored: list, dn: s
     and by curl; redis-benchmark GET of the same size; the clients' own floor."""
     if not stored:
         raise RuntimeError("no generated adapter was stored in the cache: see the server log")
-    hot = stored[: args.hot_set]
+    hot = stored[-args.hot_set :]  # the latest: a full Redis (allkeys-lru) has evicted the first ones
     out: dict = {"hot_set": len(hot)}
     redis_only = Server(assets, redis, dn, args, assets.workdir / f"serve-{dn}-redis-only.log",
                         {"LORAGEN_MEMORY_CACHE_BYTES": "0"}, prefix=server.prefix)
     try:
         for key, srv, label in (("hits", server, "near cache"), ("hits_redis", redis_only, "from Redis")):
+            # one untimed pass: into the near cache, and back into Redis if it evicted one since (a miss)
+            asyncio.run(closed_loop(srv.url, hot, 1, "hit"))
             srv_hits = {}
             for c in sorted({1, args.http_concurrency}):
                 srv_hits[str(c)] = http_phase(srv, redis, f"hit ({label}) c={c}",
@@ -523,6 +633,7 @@ def hit_phases(assets: Assets, redis: Redis, server: Server, stored: list, dn: s
 
 
 def http_entry_bytes(redis: Redis, prefix: str) -> int:
-    """The bytes Redis holds for one cached adapter: its head and its pieces."""
+    """The bytes Redis holds for one whole cached adapter, header included, from an entry's header (its pieces
+    may have been evicted since: allkeys-lru)."""
     head = next(k for k in redis.client.scan_iter(match=prefix + "adapter:*") if k.count(b":") == prefix.count(":") + 1)
-    return sum(redis.client.strlen(k) for k in [head, *redis.client.scan_iter(match=head.decode() + ":*")])
+    return HEADER.size + HEADER.unpack(redis.client.getrange(head, 0, HEADER.size - 1))[2]

@@ -64,6 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     e.add_argument("--baseline-runs", type=int, default=3, help="processes of the per-request baseline (default 3)")
     h = p.add_argument_group("http")
     h.add_argument("--redis-url", default=None, help="Redis to cache in (default: start our own redis-server)")
+    h.add_argument("--redis-maxmemory", default="2gb",
+                   help="our own redis-server's maxmemory (allkeys-lru), filled before every cache-miss run "
+                        "(default 2gb, as in docker-compose.yml)")
     h.add_argument("--http-batch", type=int, default=16, help="server max_batch_size (default 16)")
     h.add_argument("--http-concurrency", type=int, default=32, help="concurrent clients (default 32)")
     h.add_argument("--http-n", type=int, default=64, help="cache-miss requests per run (default 64)")
@@ -88,7 +91,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.warmup, args.repeats, args.repeats_large = 0, 1, 1
         args.encoder_layers, args.baseline_runs = 2, 1
         args.http_batch, args.http_concurrency, args.http_n, args.http_text_n = 2, 2, 4, 2
-        args.http_runs, args.hit_n, args.hot_set = 1, 4, 2
+        args.http_runs, args.hit_n, args.hot_set, args.redis_maxmemory = 1, 4, 2, "32mb"
     if min(args.batches + args.share_batches + [args.repeats, args.repeats_large, args.http_n, args.http_runs,
                                                  args.hit_n, args.hot_set, args.http_batch, args.http_concurrency]) < 1:
         p.error("batch sizes, repeats, request counts and concurrency must be positive")

@@ -49,8 +49,18 @@ def test_quick_suite_writes_a_complete_report(tmp_path):
     for k in ("in_process", "miss_embedding", "miss_text"):
         assert _positive(row[k]["per_s"]) and row[k]["p50_ms"] <= row[k]["p95_ms"] <= row[k]["p99_ms"]
     assert _positive(row["miss_over_in_process"])
+    assert http["redis_maxmemory"] == "32mb" and http["redis_evicted_keys"] > 0  # filled before every miss run
+    if shutil.which("curl"):  # the miss rows with a load generator in C
+        curl = row["miss_embedding_curl"]
+        assert curl["client"] == "curl" and row["miss_embedding"]["client"] == "httpx"
+        assert _positive(curl["per_s"]) and curl["p50_ms"] <= curl["p95_ms"] <= curl["p99_ms"]
+        assert len(curl["not_cached"]) == 1 and _positive(row["miss_curl_over_in_process"])
+        cpu = curl["cpu_ms_per_request"]  # clock ticks: a few tiny requests may cost Redis and curl none
+        assert _positive(cpu["server"]) and cpu["redis"] >= 0 and cpu["client"] >= 0
     if len(os.sched_getaffinity(0)) > 1:  # the split rows need a core for the server and one for the rest
         assert _positive(row["split"]["miss_over_in_process"]) and row["split"]["server_cpus"] == [min(os.sched_getaffinity(0))]
+        if shutil.which("curl"):
+            assert _positive(row["split"]["miss_curl_over_in_process"])
     assert set(http["hits"]) == set(http["hits_redis"]) == set(http["redis_benchmark"]) == {"1", "2"}
     assert all(_positive(x["p50_ms"]) for x in [*http["hits"].values(), *http["hits_redis"].values()])
     floor = http["client_floor"]
