@@ -166,8 +166,9 @@ class AdapterCache(abc.ABC):
         """The stored bytes, or None on a miss. A corrupt entry is deleted, counted and reported as a miss."""
 
     @abc.abstractmethod
-    async def put(self, key: str, data: bytes) -> None:
-        """Store `data` under `key`, replacing any entry there."""
+    async def put(self, key: str, data: bytes, *, digest: bytes | None = None) -> None:
+        """Store `data` under `key`, replacing any entry there. `digest`: entry_digest(key, data) where the
+        caller has computed it already (NearCache: one checksum of ~14 MB for both tiers), not checked."""
 
     @abc.abstractmethod
     async def contains(self, key: str) -> bool:
@@ -256,14 +257,14 @@ class MemoryCache(AdapterCache):
         self.stats.hits += 1
         return data
 
-    async def put(self, key: str, data: bytes) -> None:
+    async def put(self, key: str, data: bytes, *, digest: bytes | None = None) -> None:
         check_key(key)
         data = _check_data(data)
         self._drop(key)  # replaced below, or too large to keep: never leave a stale entry behind
         if len(data) > self.max_bytes:
             logger.debug("not caching %s: %d bytes exceed the cache bound of %d", key, len(data), self.max_bytes)
             return
-        self._items[key] = (data, entry_digest(key, data))
+        self._items[key] = (data, digest or entry_digest(key, data))
         self.stats.bytes += len(data)
         self.stats.puts += 1
         while self.stats.bytes > self.max_bytes:
@@ -371,6 +372,11 @@ class RedisCache(AdapterCache):
         return digest, length, max(1, -(-length // piece))
 
     async def get(self, key: str) -> bytes | None:
+        entry = await self.get_with_digest(key)
+        return None if entry is None else entry[0]
+
+    async def get_with_digest(self, key: str) -> tuple[bytes, bytes] | None:
+        """get(), with the entry's checked digest (what a near copy of it is stored with)."""
         rkey = self._entry_key(key)
         head = await self._run("GET", self._redis.get(rkey))
         if head is None:
@@ -403,18 +409,18 @@ class RedisCache(AdapterCache):
                 (logger.warning if corrupt else logger.info)("deleted %s cache entry %s: %s", what, key, exc)
             return None
         self.stats.hits += 1
-        return b"".join([first, *rest])
+        return b"".join([first, *rest]), digest
 
     @staticmethod
     def _piece_keys(rkey: str, n: int) -> list[str]:
         return [f"{rkey}:{i}" for i in range(1, n)]
 
-    async def put(self, key: str, data: bytes) -> None:
+    async def put(self, key: str, data: bytes, *, digest: bytes | None = None) -> None:
         rkey = self._entry_key(key)
         data = _check_data(data)
         view = memoryview(data)
         pieces = [view[i : i + PIECE_BYTES] for i in range(0, max(len(data), 1), PIECE_BYTES)]
-        head = HEADER.pack(MAGIC, entry_digest(key, data), len(data), PIECE_BYTES) + pieces[0]
+        head = HEADER.pack(MAGIC, digest or entry_digest(key, data), len(data), PIECE_BYTES) + pieces[0]
         old = await self._run("GETRANGE", self._redis.getrange(rkey, 0, HEADER.size - 1))
         try:  # the pieces of a longer entry this one replaces (same id, so only if put() is given other bytes)
             stale = self._piece_keys(rkey, self._header(old)[2])[len(pieces) - 1 :]
@@ -485,14 +491,19 @@ class NearCache(AdapterCache):
     async def get(self, key: str) -> bytes | None:
         data = await self.near.get(key)
         if data is None:
-            data = await self.far.get(key)
-            if data is not None:
-                await self.near.put(key, data)
+            entry = await self.far.get_with_digest(key)
+            if entry is None:
+                return None
+            data, digest = entry
+            await self.near.put(key, data, digest=digest)
         return data
 
-    async def put(self, key: str, data: bytes) -> None:
-        await self.near.put(key, data)
-        await self.far.put(key, data)
+    async def put(self, key: str, data: bytes, *, digest: bytes | None = None) -> None:
+        check_key(key)
+        data = _check_data(data)
+        digest = digest or entry_digest(key, data)  # once, for both tiers
+        await self.near.put(key, data, digest=digest)
+        await self.far.put(key, data, digest=digest)
 
     async def contains(self, key: str) -> bool:
         return await self.near.contains(key) or await self.far.contains(key)
