@@ -4,6 +4,7 @@ tests/redis_server.py): integrity checks, TTL, refused writes, outage and recove
 import asyncio
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -317,6 +318,21 @@ async def test_redis_reads_entries_written_with_another_piece_size(make_redis, r
     assert old_piece != PIECE_BYTES
     assert await c.get(KEY) == data and await c.size(KEY) == len(data)
     assert (c.stats.hits, c.stats.corrupt) == (1, 0)
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(sys.version_info >= (3, 12), reason="Python 3.12's writelines sends from the pieces themselves")
+async def test_redis_connections_write_a_pipeline_piece_by_piece(make_redis, redis_server, redis_prefix):
+    """Before 3.12, asyncio's writelines joins a pipeline's ~1 MiB pieces into one bytes object (a copy of the
+    whole entry on every miss): the cache's connections write them one by one, and the entry arrives whole."""
+    c = make_redis(ttl_s=600)
+    assert c._redis.connection_pool.connection_class.__name__ == "PieceWritingConnection"
+    data = os.urandom(3 * PIECE_BYTES + 5)
+    await c.put(KEY, data)
+    k = f"{redis_prefix}adapter:{KEY}"
+    with redis_server.client() as r:
+        assert r.get(k)[HEADER.size :] + r.get(f"{k}:1") + r.get(f"{k}:2") + r.get(f"{k}:3") == data
+    assert await c.get(KEY) == data
 
 
 def _flip_in_piece(r, k: str) -> None:

@@ -141,9 +141,10 @@ def adapter_response(result: Result, fmt: str, *, head: bool = False) -> Respons
     if head:
         return Response(b"", headers=headers, media_type="application/octet-stream")
     if body is None:
-        # the whole file in one send: the event loop keeps the socket fed from the bytes we already hold
-        # (no copy); in 1 MiB pieces, the socket ran dry while each next piece was scheduled
-        return Response(data, headers=headers, media_type="application/octet-stream")
+        # the whole file in one send: the event loop keeps the socket fed from the bytes we already hold (in
+        # 1 MiB pieces, the socket ran dry while each next piece was scheduled). As a memoryview: what the
+        # socket does not take at once, asyncio's transport keeps as data[n:], a copy of ~10 MB for bytes
+        return Response(memoryview(data), headers=headers, media_type="application/octet-stream")
     return StreamingResponse(_on_the_loop(body), headers=headers, media_type="application/octet-stream")
 
 
