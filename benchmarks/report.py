@@ -65,10 +65,10 @@ def _miss_target(dn: str, where: str, x: dict, http: dict) -> dict:
     curl = x.get("miss_embedding_curl")
     judged, client = (curl, "curl") if curl else (hx, "httpx")
     ratio = judged["per_s"] / inp
-    measured = (f"{judged['per_s']:.2f} vs {inp:.2f} adapters/s = {100 * ratio:.0f}% (max_batch_size "
+    measured = (f"{judged['per_s']:.2f} vs {inp:.2f} adapters/s = {100 * ratio:.1f}% (max_batch_size "
                 f"{http['batch_size']}, {http['concurrency']} {client} clients)")
     if curl:
-        measured += f"; {http['concurrency']} httpx clients: {hx['per_s']:.2f} = {100 * hx['per_s'] / inp:.0f}%"
+        measured += f"; {http['concurrency']} httpx clients: {hx['per_s']:.2f} = {100 * hx['per_s'] / inp:.1f}%"
     return {"target": f"HTTP cache-miss throughput >= 85% of in-process at the same batch size ({dn}; {where}; "
                       f"{client})", "measured": measured, "met": ratio >= 0.85}
 
