@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import csv
 import io
+import itertools
 import json
 import os
 import shutil
@@ -88,7 +89,7 @@ class Redis:
         kw = self.client.connection_pool.connection_kwargs
         self.host, self.port = kw.get("host", "127.0.0.1"), kw.get("port", 6379)
         self.pids = [self.proc.pid] if self.proc else []
-        self._fill = iter(range(10**12))
+        self._fill = itertools.count()
 
     def fill(self) -> int:
         """Bring our own Redis to a cache's steady state: full, so that every store evicts older entries and

@@ -312,6 +312,13 @@ class _PieceWriting:
         await self._writer.drain()
 
 
+# redis-py's connection class for a URL's scheme -> the same writing piece by piece (SSL keeps its own)
+_PIECE_WRITING = {} if sys.version_info >= (3, 12) else {
+    base: type(f"PieceWriting{base.__name__}", (_PieceWriting, base), {})
+    for base in (aioredis.Connection, aioredis.UnixDomainSocketConnection)
+}
+
+
 class RedisCache(AdapterCache):
     """Entries in Redis (see the module docstring for the format); safe under `allkeys-lru`."""
 
@@ -346,9 +353,7 @@ class RedisCache(AdapterCache):
             socket_read_size=SOCKET_READ_SIZE,
         )
         pool = self._redis.connection_pool
-        if sys.version_info < (3, 12) and pool.connection_class in (aioredis.Connection, aioredis.UnixDomainSocketConnection):
-            pool.connection_class = type(f"PieceWriting{pool.connection_class.__name__}",
-                                         (_PieceWriting, pool.connection_class), {})
+        pool.connection_class = _PIECE_WRITING.get(pool.connection_class, pool.connection_class)
         self._delete_if_equal = self._redis.register_script(_DELETE_IF_EQUAL)
         logger.info("adapter cache: redis at %s, prefix %r, ttl %d s", self.url_redacted, prefix, ttl_s)
 
@@ -461,9 +466,10 @@ class RedisCache(AdapterCache):
 
     async def size(self, key: str) -> int | None:
         head = await self._run("GETRANGE", self._redis.getrange(self._entry_key(key), 0, HEADER.size - 1))
-        if len(head) < HEADER.size or head[:4] != MAGIC:
+        try:
+            return self._header(head)[1]
+        except _CorruptEntry:
             return None  # absent, or not an entry: get() drops it
-        return HEADER.unpack(head)[2]
 
     async def ping(self) -> bool:
         try:
