@@ -9,7 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from generator.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, iter_safetensors, read_safetensors_metadata
+from generator.adapter import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    LoraAdapter,
+    iter_safetensors,
+    read_safetensors_metadata,
+)
 from generator.errors import InputError
 from generator.pipeline import LoraGenerator, TaskInput
 from tests.helpers import tiny_checkpoint
@@ -163,3 +169,33 @@ def test_non_finite_generation_is_refused():
         gen.net.heads["q_proj"].weight.fill_(3e38)
     with pytest.raises(InputError, match="non-finite"):
         _adapter(gen)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_batch_laid_out_at_once_equals_one_adapter_at_a_time(dtype):
+    """The GPU path (`_batch_on_device`, run here on the CPU): the whole batch laid out in one buffer, then
+    one copy per adapter, gives the bytes of filling each adapter alone, each in a buffer of its own."""
+    gen = LoraGenerator(tiny_checkpoint("M", seed=5), compute_dtype=torch.bfloat16)
+    emb = torch.randn(3, 16, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        ab = gen.net(emb.to(torch.bfloat16))  # B comes out as a transposed view, as on the GPU
+    provs = [{"input_sha256": str(i)} for i in range(3)]
+    batch, finite = LoraAdapter._batch_on_device(gen.config, ab, dtype, provs)
+    assert finite == [True] * 3
+    for i, got in enumerate(batch):
+        alone = LoraAdapter.from_generated(gen.config, {m: (a[i], b[i]) for m, (a, b) in ab.items()}, dtype, provs[i])
+        assert got.safetensors_bytes() == alone.safetensors_bytes()
+        assert got.data.untyped_storage().nbytes() == got.data.numel() * got.data.element_size()
+
+
+def test_batch_laid_out_at_once_flags_non_finite_rows():
+    gen = LoraGenerator(tiny_checkpoint("L", seed=5))
+    with torch.no_grad():
+        ab = gen.net(torch.randn(3, 16))
+    ab["v_proj"][1][1, 0, 0, 0] = float("inf")  # row 1: an infinite weight
+    ab["q_proj"][0][2, 1, 0, 0] = 1e5  # row 2: finite in float32, beyond float16's range
+    provs = [{}] * 3
+    assert LoraAdapter._batch_on_device(gen.config, ab, "float32", provs)[1] == [True, False, True]
+    assert LoraAdapter._batch_on_device(gen.config, ab, "float16", provs)[1] == [True, False, False]
+    assert [a.all_finite() for a in LoraAdapter.batch_from_generated(gen.config, ab, "float16", provs)[0]] == \
+        [True, False, False]  # the CPU path agrees
