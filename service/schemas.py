@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, model_validator
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 Format = Literal["safetensors", "peft-tar"]
@@ -17,7 +17,8 @@ class AdapterInput(BaseModel):
     task: str | None = Field(None, description="what the adapter should make the model do",
                              examples=["answer grade-school math step by step"])
     document: str | None = Field(None, description="a text the adapter should specialise on; long texts are chunked")
-    embedding: list[float] | None = Field(None, description="a task embedding of the checkpoint's size E")
+    # strict: a JSON boolean or a string is refused, not read as 1.0 or parsed (an integer is a number)
+    embedding: list[StrictFloat] | None = Field(None, description="a task embedding of the checkpoint's size E")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> AdapterInput:

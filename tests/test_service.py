@@ -191,6 +191,8 @@ def test_checkpoints_health_ready_metrics_docs(client):
     ({"task": "a", "document": "b"}, "exactly one"),
     ({}, "exactly one"),
     ({"embedding": [0.1] * 10}, "takes 384"),
+    ({"embedding": [True] + [0.5] * 383}, "embedding"),  # a JSON boolean is not a number
+    ({"embedding": ["0.5"] * 384}, "embedding"),  # nor is a string of one
     ({"task": "x", "checkpoint": "nope"}, "unknown checkpoint"),
     ({"task": "x", "dtype": "int8"}, "dtype"),
     ({"task": "x", "format": "zip"}, "format"),
