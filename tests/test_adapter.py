@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import struct
 import tarfile
 
@@ -17,7 +18,7 @@ from generator.adapter import (
     read_safetensors_metadata,
 )
 from generator.errors import InputError
-from generator.pipeline import LoraGenerator, TaskInput
+from generator.pipeline import LoraGenerator, TaskInput, cpu_has_native_bfloat16
 from tests.helpers import tiny_checkpoint
 
 
@@ -199,3 +200,27 @@ def test_batch_laid_out_at_once_flags_non_finite_rows():
     assert LoraAdapter._batch_on_device(gen.config, ab, "float16", provs)[1] == [True, False, False]
     assert [a.all_finite() for a in LoraAdapter.batch_from_generated(gen.config, ab, "float16", provs)[0]] == \
         [True, False, False]  # the CPU path agrees
+
+
+CPUINFO_AVX2 = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+CPUINFO_ZEN4 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n"
+CPUINFO_SPR = "processor\t: 0\nflags\t\t: avx2 avx512f amx_bf16 amx_tile\n"
+CPUINFO_ARM = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+@pytest.mark.parametrize("text,native", [(CPUINFO_AVX2, False), (CPUINFO_ZEN4, True), (CPUINFO_SPR, True),
+                                         (CPUINFO_ARM, True), ("", None)])
+def test_cpu_bfloat16_support_is_read_from_cpuinfo(text, native):
+    assert cpu_has_native_bfloat16(text) is native
+
+
+def test_bfloat16_compute_on_a_cpu_that_emulates_it_warns(caplog):
+    """bfloat16 on a CPU without bfloat16 instructions is emulated by torch, several times slower than float32:
+    the operator is told when the generator is built (this machine decides which way the test goes)."""
+    native = cpu_has_native_bfloat16()
+    with caplog.at_level(logging.WARNING, logger="generator.pipeline"):
+        LoraGenerator(tiny_checkpoint("L", seed=1), compute_dtype=torch.bfloat16)
+        LoraGenerator(tiny_checkpoint("L", seed=1), compute_dtype=torch.float32)
+    warned = [r.getMessage() for r in caplog.records if "emulat" in r.getMessage()]
+    assert len(warned) == (1 if native is False else 0), warned
+    assert all("float32" in m for m in warned)
