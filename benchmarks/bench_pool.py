@@ -93,8 +93,9 @@ class Inputs:
         return out
 
 
-def make_jobs(items: list[TaskInput], gen: LoraGenerator, dn: str, tag: str) -> list[Job]:
-    return [Job(f"bench-{tag}-{x.digest()[:16]}", CKPT_ID, gen.checkpoint.sha256, x, "float32", dn) for x in items]
+def make_jobs(items: list[TaskInput], gen: LoraGenerator, dn: str, tag: str, out: str = "float32") -> list[Job]:
+    """One job per input: compute dtype `dn`, output dtype `out`."""
+    return [Job(f"bench-{tag}-{x.digest()[:16]}", CKPT_ID, gen.checkpoint.sha256, x, out, dn) for x in items]
 
 
 # ------------------------------------------------------------------------------------------ pool runs

@@ -285,14 +285,19 @@ def summarise_runs(runs: list[dict], n: int) -> dict:
             "other_load_cores": [r.get("other_load_cores") for r in runs]}
 
 
-def _embedding_body(e: torch.Tensor) -> bytes:
-    return json.dumps({"embedding": [round(float(v), 6) for v in e]}).encode()
+def _body(args, **inp) -> bytes:
+    """A POST /v1/adapters body: the input, and the output dtype when it is not the API's default."""
+    return json.dumps({**inp, **({"dtype": args.output_dtype} if args.output_dtype != "float32" else {})}).encode()
+
+
+def _embedding_body(e: torch.Tensor, args) -> bytes:
+    return _body(args, embedding=[round(float(v), 6) for v in e])
 
 
 def embedding_misses(emb_source, args):
     """(requests of a run, warm-up requests of a run): POSTs of fresh, distinct embeddings, as http_phase takes."""
     def requests(n: int):
-        return lambda i: [("POST", "/v1/adapters", _embedding_body(e)) for e in emb_source(n)]
+        return lambda i: [("POST", "/v1/adapters", _embedding_body(e, args)) for e in emb_source(n)]
 
     return requests(args.http_n), requests(min(args.http_concurrency, 16))
 
@@ -306,7 +311,7 @@ def in_process(assets: Assets, dn: str, args, emb_source) -> dict:
     for i in range(args.http_runs):
         warm = [TaskInput.from_embedding(e) for e in emb_source(min(args.http_concurrency, 16))]
         items = [TaskInput.from_embedding(e) for e in emb_source(args.http_n)]
-        wj, jj = make_jobs(warm, gen, dn, f"w{i}"), make_jobs(items, gen, dn, f"r{i}")
+        wj, jj = (make_jobs(x, gen, dn, tag, args.output_dtype) for x, tag in ((warm, f"w{i}"), (items, f"r{i}")))
         if args.wait is not None:
             args.wait()
         with OtherLoad() as load:
@@ -540,7 +545,7 @@ def closed_loop_summary(out: dict) -> dict:
 
 def run(assets: Assets, args) -> dict:
     res: dict = {"batch_size": args.http_batch, "concurrency": args.http_concurrency, "n": args.http_n,
-                 "runs": args.http_runs, "dtypes": {}}
+                 "runs": args.http_runs, "output_dtype": args.output_dtype, "dtypes": {}}
     redis = Redis(args.redis_url, assets.workdir, args.redis_maxmemory)
     res["redis_version"] = redis.version
     res["redis_url"] = "own redis-server" if args.redis_url is None else "given"
@@ -576,9 +581,9 @@ def run(assets: Assets, args) -> dict:
                         server, redis, f"{dn} miss (embedding, curl) c={args.http_concurrency}", make_emb, args.http_n,
                         args.http_concurrency, "miss", args, warm, client="curl")
                     row["miss_curl_over_in_process"] = curl["per_s"] / inp["per_s"]
-                mk_text = lambda i: [("POST", "/v1/adapters", json.dumps({"task": t}).encode())  # noqa: E731
+                mk_text = lambda i: [("POST", "/v1/adapters", _body(args, task=t))  # noqa: E731
                                      for t in texts(args.http_text_n)]
-                warm_text = lambda i: [("POST", "/v1/adapters", json.dumps({"task": t}).encode())  # noqa: E731
+                warm_text = lambda i: [("POST", "/v1/adapters", _body(args, task=t))  # noqa: E731
                                        for t in texts(min(args.http_concurrency, 16))]
                 row["miss_text"] = http_phase(server, redis, f"{dn} miss (task text) c={args.http_concurrency}",
                                               mk_text, args.http_text_n, args.http_concurrency, "miss", args,

@@ -67,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     h.add_argument("--redis-maxmemory", default="2gb",
                    help="our own redis-server's maxmemory (allkeys-lru), filled before every cache-miss run "
                         "(default 2gb, as in docker-compose.yml)")
+    h.add_argument("--output-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="the adapters' output dtype in the http section, over HTTP and in-process (default float32, "
+                        "the API's default)")
     h.add_argument("--http-batch", type=int, default=16, help="server max_batch_size (default 16)")
     h.add_argument("--http-concurrency", type=int, default=32, help="concurrent clients (default 32)")
     h.add_argument("--http-n", type=int, default=64, help="cache-miss requests per run (default 64)")

@@ -21,7 +21,8 @@ def _positive(x) -> bool:
 def test_quick_suite_writes_a_complete_report(tmp_path):
     from benchmarks.suite import main
 
-    assert main(["--quick", "--dtypes", "bfloat16", "--out", str(tmp_path)]) == 0
+    # the HTTP section with bfloat16 output (float32, the default, is the same path without "dtype" in the body)
+    assert main(["--quick", "--dtypes", "bfloat16", "--output-dtype", "bfloat16", "--out", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "bench-quick-cpu.json").read_text())
     md = (tmp_path / "bench-quick-cpu.md").read_text()
     assert r["quick"] is True and r["device"] == "cpu" and r["machine"]["cpu_model"] and r["versions"]["torch"]
@@ -70,6 +71,10 @@ def test_quick_suite_writes_a_complete_report(tmp_path):
         assert all(_positive(x["p50_ms"]) for x in [*http["hit_curl"].values(), floor["curl"]])
     assert all(_positive(x["rps"]) and _positive(x["p50_ms"]) for x in http["redis_benchmark"].values())
     assert http["redis_benchmark"]["1"]["value_bytes"] == http["entry_bytes"]
+    assert http["output_dtype"] == "bfloat16" and http["entry_bytes"] < 0.6 * gen["adapter_mb_float32"] * 1e6
+    assert "; bfloat16 output; " in md
+    miss_targets = [t["target"] for t in r["targets"] if t["target"].startswith("HTTP")]
+    assert miss_targets and all("bfloat16 output, not the API's default" in t for t in miss_targets)
 
     assert {t["target"].split(" ")[0] for t in r["targets"]} >= {"batched", "HTTP", "cache-hit"}
     assert all(isinstance(t["met"], bool) for t in r["targets"])
