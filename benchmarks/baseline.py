@@ -3,9 +3,9 @@
 One fresh process per adapter, `loragen generate --checkpoint DIR --task TEXT --out DIR --device DEV`
 (float32, like the reference scripts; on the suite's device, a GPU when there is one): start Python and
 import torch, load the checkpoint (Mistral-7B T2L dims) and its encoder (the gte-large-sized one), embed the
-text, generate, write a PEFT directory. Timed from the process's start
-to its exit, each run with a different task and output directory. The service's steady-state throughput to
-compare it with is measured in the HTTP section (cache misses from task texts, same checkpoint and encoder).
+text, generate, write a PEFT directory. Timed from the process's start to its exit, each run with a different
+task and output directory. The service's steady-state throughput to compare it with is measured in the HTTP
+section (cache misses from task texts, same checkpoint and encoder).
 """
 
 from __future__ import annotations

@@ -56,7 +56,6 @@ def targets(r: dict) -> list[dict]:
     return out
 
 
-
 def _miss_target(dn: str, where: str, x: dict, http: dict) -> dict:
     """The miss-throughput target for one dtype and core layout: judged with the load generator in C (curl) when
     it ran, as the hit target is: 32 httpx clients spend as much CPU reading the bodies as the server spends
@@ -73,6 +72,7 @@ def _miss_target(dn: str, where: str, x: dict, http: dict) -> dict:
     return {"target": f"HTTP cache-miss throughput >= 85% of in-process at the same batch size ({dn}; {where}; "
                       f"{client}" + ("" if out == "float32" else f"; {out} output, not the API's default") + ")",
             "measured": measured, "met": ratio >= 0.85}
+
 
 def markdown(r: dict) -> str:
     m, v = r["machine"], r["versions"]

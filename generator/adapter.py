@@ -96,13 +96,9 @@ class LoraAdapter:
     ) -> LoraAdapter:
         """`ab`: module → (A (N, r, d_in), B (N, d_out, r)) for one task, as the hypernetwork emits them (views
         into the batch's output are fine: everything is copied into the adapter's own buffer)."""
-        out_dtype = parse_dtype(dtype)
-        names, sources = _sources(hyper, ab)
-        shapes = [sources[n].shape for n in names]
-        # fill on the generating device (cast and B's transpose in one pass per tensor), then one copy to
-        # the CPU; a buffer of its own, so an adapter held in a cache never pins the batch's output
-        flat = torch.empty(sum(math.prod(s) for s in shapes), dtype=out_dtype, device=sources[names[0]].device)
-        _fill(flat, names, sources)
+        # laid out on the generating device, then one copy to the CPU; a buffer of its own, so an adapter
+        # held in a cache never pins the batch's output
+        names, shapes, flat = _lay_out(hyper, ab, dtype)
         return cls._from_buffer(hyper, names, shapes, flat.cpu(), dtype, provenance)
 
     @classmethod
@@ -128,13 +124,9 @@ class LoraAdapter:
         return adapters, [a.all_finite() for a in adapters]
 
     @classmethod
-    def _batch_on_device(cls, hyper, ab, dtype, provenances) -> tuple[list[LoraAdapter], list[bool]]:
-        out_dtype = parse_dtype(dtype)
-        names, sources = _sources(hyper, ab)
-        shapes = [sources[n].shape[1:] for n in names]
-        first = sources[names[0]]
-        flat = torch.empty(len(provenances), sum(math.prod(s) for s in shapes), dtype=out_dtype, device=first.device)
-        _fill(flat, names, sources)
+    def _batch_on_device(cls, hyper: HyperConfig, ab: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: str,
+                         provenances: Sequence[Mapping[str, str]]) -> tuple[list[LoraAdapter], list[bool]]:
+        names, shapes, flat = _lay_out(hyper, ab, dtype, batch=len(provenances))
         finite = torch.isfinite(flat.sum(dim=1, dtype=torch.float32)).tolist()
         return [cls._from_buffer(hyper, names, shapes, flat[i].to("cpu", copy=True), dtype, p)  # its own buffer
                 for i, p in enumerate(provenances)], finite
@@ -220,16 +212,22 @@ def _sources(hyper: HyperConfig, ab: Mapping[str, tuple[torch.Tensor, torch.Tens
     return sorted(sources), sources
 
 
-def _fill(flat: torch.Tensor, names: list[str], sources: Mapping[str, torch.Tensor]) -> None:
-    """Copy (and cast) each source into consecutive pieces of `flat`'s last dim; any leading dims are the
-    batch, the sources' own leading dims."""
-    lead = flat.dim() - 1
+def _lay_out(hyper: HyperConfig, ab: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: str,
+            batch: int | None = None) -> tuple[list[str], list[torch.Size], torch.Tensor]:
+    """`ab`'s tensors in file order, cast to `dtype`, in one new buffer on their device: 1-D for one adapter,
+    (batch, total) for a batch (`ab` with a leading batch dim). Cast and B's transpose happen in one copy per
+    tensor. Returns the names, each tensor's shape for one adapter, and the buffer."""
+    names, sources = _sources(hyper, ab)
+    lead = () if batch is None else (batch,)
+    shapes = [sources[n].shape[len(lead):] for n in names]
+    flat = torch.empty(*lead, sum(math.prod(s) for s in shapes), dtype=parse_dtype(dtype),
+                       device=sources[names[0]].device)
     offset = 0
-    for name in names:
-        src = sources[name]
-        n = math.prod(src.shape[lead:])
-        flat[..., offset : offset + n].view(src.shape).copy_(src.detach())
+    for name, shape in zip(names, shapes, strict=True):
+        n = math.prod(shape)
+        flat[..., offset : offset + n].view(*lead, *shape).copy_(sources[name].detach())
         offset += n
+    return names, shapes, flat
 
 
 def _pieces(flat: torch.Tensor, shapes: list[torch.Size]) -> Iterator[torch.Tensor]:
