@@ -135,14 +135,15 @@ def test_training_loop_resumes_exactly(tmp_path):
 
 @pytest.fixture(scope="module")
 def mini_bundle(tmp_path_factory):
-    """The whole demo build, scaled down to well under a minute."""
+    """The whole build on a small task universe (nine families, three held-out splits), evaluation
+    included, scaled down to about a minute."""
     from generator.train.demo import DemoConfig, build_demo
 
     out = tmp_path_factory.mktemp("bundle")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # models this small gain nothing from a second thread, and lose a lot on a busy machine
     try:
-        result = build_demo(out, DemoConfig.scaled_down(seed=0), evaluate=False, progress=False)
+        result = build_demo(out, DemoConfig.scaled_down_universe(seed=0), evaluate=True, progress=False)
     finally:
         torch.set_num_threads(threads)
     return out, result
@@ -151,7 +152,8 @@ def mini_bundle(tmp_path_factory):
 @pytest.mark.slow
 def test_scaled_down_build_lowers_every_loss_and_writes_artifacts(mini_bundle):
     out, _ = mini_bundle
-    for stage in ("base", "library/reverse", "library/first_char", "t2l-recon", "t2l-sft"):
+    oracles = sorted(p.parent.name for p in (out / "library").glob("*/train_log.json") if p.parent.name != "_multitask")
+    for stage in ("base", f"library/{oracles[0]}", f"library/{oracles[1]}", "t2l-recon", "t2l-sft"):
         log = json.loads((out / stage / "train_log.json").read_text())
         assert log["loss"][-1] < log["loss"][0], stage
         assert (out / stage / "loss.png").exists()
@@ -163,7 +165,38 @@ def test_scaled_down_build_lowers_every_loss_and_writes_artifacts(mini_bundle):
         ck = load_checkpoint(out / stage)
         assert ck.config.base_model == "loragen/demo-base" and ck.config.target_modules == ["q_proj", "v_proj"]
     build = json.loads((out / "build.json").read_text())
-    assert set(build["stage_seconds"]) == {"suite", "base", "library", "recon", "sft"}
+    assert set(build["stage_seconds"]) == {"suite", "base", "library", "recon", "sft", "eval"}
+    assert build["command"].endswith("--universe")
+
+
+@pytest.mark.slow
+def test_universe_build_trains_oracles_where_needed_and_evaluates_every_split(mini_bundle):
+    from generator.train.conditioning import texts_digest
+    from generator.train.demo import DemoConfig
+    from generator.train.suite import Suite
+    from generator.train.universe import SPLITS
+
+    out, result = mini_bundle
+    suite = Suite.load(out / "suite.json")
+    wanted = DemoConfig.scaled_down_universe(seed=0).library_tasks(suite)
+    evaluated = {t for tasks in suite.evaluated().values() for t in tasks}
+    assert evaluated <= set(wanted) < set(suite.tasks)  # oracles for evaluation and recon only, not every task
+    assert {p.name for p in (out / "library").iterdir()} == {*wanted, "_multitask"}
+    # no hypernetwork training step could condition on an evaluation text or a held-out task's text
+    for stage in ("t2l-sft", "t2l-recon"):
+        log = json.loads((out / stage / "train_log.json").read_text())
+        assert log["table"]["sha256"] == texts_digest(suite.training_texts()), stage
+        assert not set(log["tasks"]) & set(suite.held_out), stage
+    quality = json.loads((out / "eval" / "quality.json").read_text())
+    assert quality == json.loads(json.dumps(result["eval"]))
+    for row in quality["rows"].values():
+        assert set(row) == {"seen", *SPLITS, "per_task"} and set(row["per_task"]) == evaluated
+        assert all(row[s]["total"] == 6 * len(suite.evaluated()[s]) for s in ("seen", *SPLITS))
+    assert set(quality["targets"]) == {"seen", *SPLITS}
+    assert quality["held_out_imitation"]["per_task"].keys() == evaluated - set(suite.evaluated()["seen"])
+    md = (out / "eval" / "quality.md").read_text()
+    assert "| adapter | seen tasks, unseen descriptions | new parameter values | new compositions | new families |" in md
+    assert "| new families |" in md and (out / "eval" / "adapters.png").stat().st_size > 10_000
 
 
 @pytest.mark.slow
@@ -200,7 +233,7 @@ def test_trained_hypernetwork_beats_the_untrained_one_on_a_seen_task(mini_bundle
 
 @pytest.mark.parametrize("argv, needle", [
     (["eval", "/nonexistent/bundle"], "not a demo bundle"),
-    (["train", "base", "--suite", "/nonexistent/suite.json", "--out", "OUT"], "suite /nonexistent/suite.json not found"),
+    (["train", "base", "--suite", "/nonexistent/suite.json", "--out", "OUT"], "task file /nonexistent/suite.json not found"),
     (["train", "sft", "--suite", "SUITE", "--base", "/nonexistent", "--out", "OUT"],
      "base model /nonexistent has no config.json"),
     (["train", "base", "--suite", "SUITE", "--out", "OUT", "--steps", "0"], "--steps and --batch-size must be positive"),

@@ -1,8 +1,10 @@
-"""Quality of generated adapters on the demo suite: exact-match accuracy with 95% intervals, adapter
+"""Quality of generated adapters on a bundle's suite: exact-match accuracy with 95% intervals, adapter
 geometry in delta-W space, and a map of the adapters.
 
-Every row is evaluated on seen tasks (with descriptions in words never used in training) and on held-out
-tasks (never shown to the hypernetwork), with no instruction in the prompt unless the row says so.
+Every row is evaluated on each split of the suite (`Suite.evaluated()`): seen tasks, described in words
+never used in training, and each held-out split (tasks never shown to the hypernetwork: the demo suite's
+one, or the universe's new values, new compositions and new families), with no instruction in the prompt
+unless the row says so.
 Adapters are applied with `FunctionalLora` (what PEFT computes, checked in the tests); example i of a task
 is conditioned on that task's i-th evaluation description (or document), round robin.
 
@@ -99,8 +101,17 @@ class Evaluator:
         c = self.sft.config
         self.modules, self.n_layers = c.target_modules, c.n_layers
         self.lora = FunctionalLora(self.model, self.modules, c.scaling)
-        self.table = EmbeddingTable.for_suite(c.encoder, self.suite)
         self.n_examples = n_examples
+        self.splits = self.suite.evaluated()
+        self.evaluated_tasks = list(dict.fromkeys(t for ts in self.splits.values() for t in ts))
+        # seen tasks that have an oracle in the library: what "nearest training adapter" and geometry compare to
+        self.library_seen = [t for t in self.suite.seen if (bundle.library / t / "adapter_config.json").exists()]
+        s = self.suite  # the texts evaluation conditions on or compares with, and nothing more (a universe has 30k)
+        self.table = EmbeddingTable(c.encoder, [
+            *(d for t in self.evaluated_tasks for d in (*s.eval_descriptions[t], *s.eval_documents[t])),
+            *(d for t in self.library_seen for d in s.train_descriptions[t]), *s.unrelated])
+        longest = max(len(canonical(y)) for t in self.evaluated_tasks for _, y in self.suite.eval_examples[t])
+        self.max_new = longest + 2  # one token per data character, then the newline
         self._library: dict[str, AB] = {}
         self._train_index: tuple[tuple[str, ...], torch.Tensor] | None = None
         self._outputs: dict[tuple[str, str], list[str]] = {}  # (row, task) → answers, from evaluate()
@@ -117,9 +128,9 @@ class Evaluator:
         return self._nets[id(checkpoint)](self.table(texts))
 
     def nearest_seen_task(self, texts: list[str]) -> list[str]:
-        """For each text, the seen task whose training description embeds closest (cosine)."""
+        """For each text, the seen task with a library adapter whose training description embeds closest (cosine)."""
         if self._train_index is None:  # built once: every row and every task asks
-            names, descs = zip(*[(t, d) for t in self.suite.seen for d in self.suite.train_descriptions[t]], strict=True)
+            names, descs = zip(*[(t, d) for t in self.library_seen for d in self.suite.train_descriptions[t]], strict=True)
             self._train_index = (names, torch.nn.functional.normalize(self.table(list(descs)), dim=-1))
         names, train = self._train_index
         query = torch.nn.functional.normalize(self.table(texts), dim=-1)
@@ -166,38 +177,44 @@ class Evaluator:
         ex = self.suite.eval_examples[task][: self.n_examples]
         prompts, ab = fn(task, ex)
         if ab is None:
-            outs = greedy(self.model, self.codec, prompts)
+            outs = greedy(self.model, self.codec, prompts, max_new=self.max_new)
         else:
             with self.lora.use(ab):
-                outs = greedy(self.model, self.codec, prompts)
+                outs = greedy(self.model, self.codec, prompts, max_new=self.max_new)
         return Score(sum(canonical(o) == canonical(y) for o, (_, y) in zip(outs, ex, strict=True)), len(ex)), outs
 
     def evaluate(self, rows: Sequence[str] | None = None) -> dict:
+        """row → {split: pooled score, ..., "per_task": accuracy of every evaluated task}."""
         table = {}
         fns = self.rows()
         for name in rows or fns:
             per_task = {}
-            for t in self.suite.tasks:
+            for t in self.evaluated_tasks:
                 per_task[t], self._outputs[(name, t)] = self.score(fns[name], t)
-            seen = _pool(per_task[t] for t in self.suite.seen)
-            held = _pool(per_task[t] for t in self.suite.held_out)
-            table[name] = {"seen": seen.as_dict(), "held_out": held.as_dict(),
+            pooled = {split: _pool(per_task[t] for t in tasks) for split, tasks in self.splits.items()}
+            table[name] = {**{split: sc.as_dict() for split, sc in pooled.items()},
                            "per_task": {t: sc.accuracy for t, sc in per_task.items()}}
-            log.info("%-45s seen %6.1f%%  held-out %6.1f%%", name, 100 * seen.accuracy, 100 * held.accuracy)
+            log.info("%-45s %s", name, "  ".join(f"{split} {100 * sc.accuracy:5.1f}%" for split, sc in pooled.items()))
         return table
 
-    def imitation(self) -> dict:
+    def imitation(self) -> dict | None:
         """On held-out tasks, how often the T2L SFT adapter does instead the seen task whose training
-        description is nearest to the one it was given (its output equals that task's answer)."""
-        from generator.train.suite import TASK_BY_NAME
-
+        description is nearest to the one it was given (its output equals that task's answer). None for a
+        suite whose tasks are known by their examples only (a user's collection)."""
         per_task, hits, total = {}, 0, 0
-        for task in self.suite.held_out:
+        held = [t for split, tasks in self.splits.items() if split != "seen" for t in tasks]
+        fns = {}
+        for task in {*held, *self.library_seen}:
+            fns[task] = task_function(task)
+            if fns[task] is None:
+                return None
+        for task in held:
             ex = self.suite.eval_examples[task][: self.n_examples]
             descs = [self.suite.eval_descriptions[task][i % len(self.suite.eval_descriptions[task])] for i in range(len(ex))]
             nearest = self.nearest_seen_task(descs)
             outs = self._outputs.get(("T2L SFT", task)) or self.score(self.rows()["T2L SFT"], task)[1]
-            same = [canonical(o) == canonical(TASK_BY_NAME[n].fn(x)) for o, n, (x, _) in zip(outs, nearest, ex, strict=True)]
+            same = [(y := _answer(fns[n], x)) is not None and canonical(o) == canonical(y)
+                    for o, n, (x, _) in zip(outs, nearest, ex, strict=True)]
             top = max(set(nearest), key=nearest.count)
             per_task[task] = {"most_often_nearest": top, "does_nearest_task": sum(same) / len(same)}
             hits, total = hits + sum(same), total + len(same)
@@ -208,9 +225,10 @@ class Evaluator:
         """Distances in delta-W space: every T2L SFT adapter (one per eval description) to its nearest
         training adapter (the seen tasks' oracles), against the training adapters' own distances."""
         s = self.suite
-        train = [self.library(t) for t in s.seen]
-        gen_tasks = [t for t in s.tasks for _ in s.eval_descriptions[t]]
-        gen_texts = [d for t in s.tasks for d in s.eval_descriptions[t]]
+        seen = self.library_seen
+        train = [self.library(t) for t in seen]
+        gen_tasks = [t for t in self.evaluated_tasks for _ in s.eval_descriptions[t]]
+        gen_texts = [d for t in self.evaluated_tasks for d in s.eval_descriptions[t]]
         gen = self.generate(self.sft, gen_texts)
         everything = _cat([*train, gen])
         gram = delta_w_gram(everything, self.sft.config.scaling)
@@ -223,16 +241,18 @@ class Evaluator:
         nearest_d, nearest_i = to_train.min(dim=1)
         out = {"training_adapters": k, "generated_adapters": len(gen_tasks),
                "train_pairwise": _summary(pairs), "train_nearest_neighbour": _summary(nn_train)}
-        for split, names in (("seen", s.seen), ("held_out", s.held_out)):
-            idx = [i for i, t in enumerate(gen_tasks) if t in names]
-            own = [s.seen[nearest_i[i]] == gen_tasks[i] for i in idx]
+        for split, names in self.splits.items():
+            idx = [i for i, t in enumerate(gen_tasks) if t in set(names)]
+            if not idx:
+                continue
             out[f"generated_{split}_to_nearest_train"] = _summary(nearest_d[idx])
             if split == "seen":
+                own = [seen[nearest_i[i]] == gen_tasks[i] for i in idx]
                 out["generated_seen_nearest_is_own_oracle"] = sum(own) / len(own)
         out["generated"] = [  # every generated adapter: its task, description, nearest training adapter
-            {"task": t, "description": d, "nearest_training_adapter": s.seen[i], "distance": round(dd, 5)}
+            {"task": t, "description": d, "nearest_training_adapter": seen[i], "distance": round(dd, 5)}
             for t, d, i, dd in zip(gen_tasks, gen_texts, nearest_i.tolist(), nearest_d.tolist(), strict=True)]
-        self._map = (gram, [*s.seen, *gen_tasks], k)
+        self._map = (gram, [*seen, *gen_tasks], k)
         return out
 
     def plot(self, path: str | Path) -> None:
@@ -248,18 +268,21 @@ class Evaluator:
         norm = gram.diag().clamp_min(1e-30).sqrt()
         xy = gram_pca(gram / norm[:, None] / norm[None, :], 2)  # directions only: oracles are much smaller
         s = self.suite
-        colours = {t: plt.get_cmap("tab20" if i < 20 else "tab20b")(i % 20) for i, t in enumerate(s.tasks)}
+        held = set(s.held_out)
+        names = list(dict.fromkeys([*self.library_seen, *self.evaluated_tasks]))
+        colours = {t: plt.get_cmap("tab20" if i < 20 else "tab20b")(i % 20) for i, t in enumerate(names)}
         fig, ax = plt.subplots(figsize=(8, 6.2), dpi=110)
         for i, t in enumerate(tasks):
-            held = t in s.held_out
             if i < k:
                 ax.scatter(*xy[i], s=90, marker="o", color=colours[t], edgecolors="black", linewidths=0.8, zorder=3)
             else:
-                ax.scatter(*xy[i], s=22, marker="^" if held else ".", color=colours[t], alpha=0.8, zorder=2)
-        for t in s.tasks:  # label each task once, at the mean of its generated adapters
-            pts = torch.stack([xy[i] for i in range(k, len(tasks)) if tasks[i] == t]).mean(0)
-            ax.annotate(t + (" (held out)" if t in s.held_out else ""), pts.tolist(), fontsize=6.5,
-                        fontweight="bold" if t in s.held_out else "normal", alpha=0.9)
+                ax.scatter(*xy[i], s=22, marker="^" if t in held else ".", color=colours[t], alpha=0.8, zorder=2)
+        for t in self.evaluated_tasks:  # label each task once, at the mean of its generated adapters
+            mine = [xy[i] for i in range(k, len(tasks)) if tasks[i] == t]
+            if not mine:
+                continue
+            ax.annotate(t + (" (held out)" if t in held else ""), torch.stack(mine).mean(0).tolist(), fontsize=6.5,
+                        fontweight="bold" if t in held else "normal", alpha=0.9)
         ax.set_title("Adapters by task: PCA of unit-norm delta-W (Gram via r×r products)\n"
                      "● oracle LoRA (training)   · T2L SFT from unseen descriptions   ▲ held-out task", fontsize=9)
         ax.set_xlabel("PC 1")
@@ -313,22 +336,45 @@ def gram_pca(gram: torch.Tensor, dims: int = 2) -> torch.Tensor:
     return (vecs[:, top] * vals[top].clamp_min(0).sqrt()).float()
 
 
+SPLIT_HEADERS = {"seen": "seen tasks, unseen descriptions", "held_out": "held-out tasks",
+                 "new_values": "new parameter values", "new_compositions": "new compositions",
+                 "new_families": "new families"}
+# What T2L SFT should reach per split: its accuracy over the oracles' ("ratio"), and its lead in points over
+# the multi-task LoRA, the unrelated-description control and the nearest training adapter.
+TARGETS = {
+    "seen": {"ratio": 0.85},
+    "held_out": {"ratio": 0.80, "vs_multi": 10, "vs_control": 10},
+    "new_values": {"ratio": 0.70, "vs_multi": 15, "vs_nearest": 15},
+    "new_compositions": {"ratio": 0.50, "vs_multi": 15, "vs_nearest": 15},
+    "new_families": {"vs_multi": 15, "vs_control": 10, "vs_nearest": 15},
+}
+BASELINES = {"vs_multi": "multi-task LoRA", "vs_control": "T2L SFT, unrelated description (control)",
+             "vs_nearest": "nearest training adapter (by description)"}
+
+
 def markdown(result: dict) -> str:
-    """The quality table and the geometry summary as markdown."""
-    lines = ["| adapter | seen tasks, unseen descriptions | held-out tasks |", "| --- | --- | --- |"]
+    """The quality table, the targets per split and the geometry summary as markdown."""
+    splits = [k for k in next(iter(result["rows"].values())) if k != "per_task"]
+    lines = ["| adapter | " + " | ".join(SPLIT_HEADERS.get(sp, sp) for sp in splits) + " |",
+             "| --- |" + " --- |" * len(splits)]
     for name, row in result["rows"].items():
         cells = []
-        for split in ("seen", "held_out"):
+        for split in splits:
             r = row[split]
             lo, hi = r["ci95"]
             cells.append(f"{r['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] (n={r['total']})")
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     out = "\n".join(lines) + "\n"
     t = result.get("targets")
     if t:
-        out += ("\nTargets (held-out tasks): T2L SFT / oracle = {ratio:.2f} (target ≥ 0.80); T2L SFT − multi-task "
-                "LoRA = {vs_multi:+.1f} points, T2L SFT − unrelated-description control = {vs_control:+.1f} points "
-                "(targets ≥ +10).\n").format(**t)
+        out += ("\nTargets for T2L SFT (ratio: its accuracy over the oracle LoRAs'; the others: its lead in points "
+                "over each baseline):\n\n| split | ratio to oracle | − multi-task LoRA | − unrelated control | "
+                "− nearest training adapter |\n| --- | --- | --- | --- | --- |\n")
+        for split, m in t.items():
+            goal = TARGETS.get(split, {})
+            cells = [_target_cell(m, goal, key, fmt) for key, fmt in
+                     (("ratio", ".2f"), ("vs_multi", "+.1f"), ("vs_control", "+.1f"), ("vs_nearest", "+.1f"))]
+            out += f"| {SPLIT_HEADERS.get(split, split)} | " + " | ".join(cells) + " |\n"
     im = result.get("held_out_imitation")
     if im:
         pairs = ", ".join(f"{t} → {v['most_often_nearest']} {v['does_nearest_task']:.0%}" for t, v in im["per_task"].items())
@@ -336,21 +382,57 @@ def markdown(result: dict) -> str:
                 f"training description is nearest to the one given ({pairs}).\n")
     g = result.get("geometry")
     if g:
+        held = "; ".join(f"{SPLIT_HEADERS.get(sp, sp)} median {g[f'generated_{sp}_to_nearest_train']['median']:.3f}"
+                         for sp in splits if sp != "seen" and f"generated_{sp}_to_nearest_train" in g)
         out += ("\nDelta-W distances (Frobenius, via r×r products): training adapters pairwise median "
                 f"{g['train_pairwise']['median']:.3f} (nearest-neighbour median {g['train_nearest_neighbour']['median']:.3f}); "
                 f"generated → nearest training adapter, seen tasks median {g['generated_seen_to_nearest_train']['median']:.3f}, "
-                f"held-out tasks median {g['generated_held_out_to_nearest_train']['median']:.3f}; "
-                f"{g['generated_seen_nearest_is_own_oracle']:.0%} of seen-task generated adapters lie nearest their own "
-                "task's oracle.\n")
+                f"{held}; {g['generated_seen_nearest_is_own_oracle']:.0%} of seen-task generated adapters lie nearest "
+                "their own task's oracle.\n")
     return out
 
 
+def _target_cell(measured: dict, goal: dict, key: str, fmt: str) -> str:
+    value = measured.get(key)
+    if value is None or value != value:  # absent, or NaN (no oracle accuracy to divide by)
+        return "–"
+    text = format(value, fmt)
+    if key in goal:
+        text += f" (target ≥ {format(goal[key], fmt)}: {'met' if value >= goal[key] else 'not met'})"
+    return text
+
+
 def targets(rows: dict) -> dict:
-    held = {name: row["held_out"]["accuracy"] for name, row in rows.items()}
-    sft = held["T2L SFT"]
-    return {"ratio": sft / held["oracle LoRA (per task)"] if held["oracle LoRA (per task)"] else float("nan"),
-            "vs_multi": 100 * (sft - held["multi-task LoRA"]),
-            "vs_control": 100 * (sft - held["T2L SFT, unrelated description (control)"])}
+    """split → T2L SFT's ratio to the oracles and its lead in points over each baseline."""
+    sft = rows["T2L SFT"]
+    out = {}
+    for split in (k for k in sft if k != "per_task"):
+        acc = sft[split]["accuracy"]
+        oracle = rows["oracle LoRA (per task)"][split]["accuracy"]
+        out[split] = {"accuracy": acc, "ratio": acc / oracle if oracle else float("nan"),
+                      **{key: 100 * (acc - rows[row][split]["accuracy"]) for key, row in BASELINES.items()}}
+    return out
+
+
+def task_function(name: str) -> Callable[[str], str] | None:
+    """The function of a demo-suite or universe task; None for a task known only by its examples."""
+    from generator.train.suite import TASK_BY_NAME
+    from generator.train.universe import task_fn
+
+    if name in TASK_BY_NAME:
+        return TASK_BY_NAME[name].fn
+    try:
+        return task_fn(name)
+    except KeyError:
+        return None
+
+
+def _answer(fn: Callable[[str], str], x: str) -> str | None:
+    """fn's answer to x, or None where x is outside fn's domain (another task's input)."""
+    try:
+        return fn(x)
+    except (IndexError, ValueError):
+        return None
 
 
 def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_examples: int | None = None) -> dict:
@@ -361,7 +443,8 @@ def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_exa
     ev = Evaluator(bundle, n_examples)
     rows = ev.evaluate()
     result = {"suite_seed": ev.suite.seed, "tasks": len(ev.suite.tasks), "held_out": ev.suite.held_out,
-              "rows": rows, "targets": targets(rows), "held_out_imitation": ev.imitation(), "geometry": ev.geometry()}
+              "evaluated": ev.splits, "rows": rows, "targets": targets(rows), "held_out_imitation": ev.imitation(),
+              "geometry": ev.geometry()}
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "quality.md").write_text(markdown(result))
     ev.plot(out / "adapters.png")

@@ -8,26 +8,38 @@ tokens, not dozens of characters), and task data is written one character per to
 data characters out; spaces are not tokens), so string operations see every character. Loss is taken
 on completion tokens only (each `{y}\n`); decoding stops at the newline. The model is saved in Hugging
 Face format (config.json, model.safetensors, tokenizer.json): PEFT, transformers and vLLM load it as any
-other Llama.
+other Llama. The layout is the `spaced` prompt format (generator/train/prompting.py; `Codec` is its class).
+
+`load_base` loads this base or any other Hugging Face causal LM directory with the prompt format
+`--template` names; `is_demo_base` says which bases `auto` writes in the demo layout.
 """
 
 from __future__ import annotations
 
+import json
 import string
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from generator.train.loop import LoopConfig, train_loop
+from generator.errors import InputError
+from generator.train import prompting
+from generator.train.loop import LOG, LoopConfig, train_loop
+from generator.train.prompting import PromptFormat, Spaced, decode_greedy, prompt_format, spaced, spaced_prompt
 from generator.train.suite import Suite
+
+__all__ = ["BOS", "CHARS", "EOS", "PAD", "SPECIAL", "TARGET_MODULES", "UNK", "VOCAB_SIZE", "Codec", "base_config",
+           "build_tokenizer", "canonical", "collate", "completion_loss", "greedy", "is_demo_base", "load_base", "pretrain_base",
+           "prompt", "spaced"]
 
 CHARS = string.ascii_letters + string.digits + "\n.,;:!?'\"-+*/=()[]<>_#&%@$"
 SPECIAL = ("<pad>", "<s>", "</s>", "<unk>")
 PAD, BOS, EOS, UNK = range(4)
 TARGET_MODULES = ("q_proj", "v_proj")
 VOCAB_SIZE = 700
+PRETRAINING = "base pretraining"  # the name of pretrain_base's training log: how a demo base is recognised
+Codec = Spaced  # text ↔ ids for the demo layout (generator/train/prompting.py); the tokenizer does the mapping
 
 
 def build_tokenizer(corpus: Iterable[str] = ()):
@@ -50,16 +62,6 @@ def build_tokenizer(corpus: Iterable[str] = ()):
                                    unk_token="<unk>", model_max_length=512, padding_side="left")
 
 
-def spaced(data: str) -> str:
-    """Task data one character per token: every character its own pre-token."""
-    return " ".join(data.replace(" ", ""))
-
-
-def canonical(text: str) -> str:
-    """What exact match compares: the characters, without the spacing between tokens."""
-    return text.replace(" ", "")
-
-
 def base_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int = 4, intermediate: int = 384):
     from transformers import LlamaConfig
 
@@ -70,32 +72,14 @@ def base_config(vocab_size: int, hidden: int = 128, layers: int = 4, heads: int 
     )
 
 
-class Codec:
-    """Text ↔ ids for the demo layout; the tokenizer does the mapping."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.newline = tokenizer.convert_tokens_to_ids("\n")
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
-
-    def sequence(self, pairs: Sequence[tuple[str, str]], instruction: str | None = None) -> tuple[list[int], list[bool]]:
-        """ids and the completion mask (True on each `{y}\\n`) of one training sequence."""
-        ids, mask = [BOS], [False]
-        if instruction:
-            head = self.encode(instruction + "\n")
-            ids += head
-            mask += [False] * len(head)
-        for x, y in pairs:
-            p, c = self.encode(f"In: {spaced(x)}\nOut: "), self.encode(spaced(y) + "\n")
-            ids += p + c
-            mask += [False] * len(p) + [True] * len(c)
-        return ids, mask
+def canonical(text: str) -> str:
+    """What exact match compares in the demo layout: the characters, without the spacing between tokens."""
+    return Spaced.canonical(text)
 
 
 def prompt(x: str, instruction: str | None = None) -> str:
-    return (f"{instruction}\n" if instruction else "") + f"In: {spaced(x)}\nOut: "
+    """The text of a decoding prompt in the demo layout (greedy puts BOS before it)."""
+    return spaced_prompt(x, instruction)
 
 
 def collate(seqs: Sequence[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,63 +94,57 @@ def collate(seqs: Sequence[tuple[list[int], list[bool]]]) -> tuple[torch.Tensor,
 
 
 def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over completion tokens only."""
-    logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1]
-    target = mask[:, 1:]
-    return F.cross_entropy(logits[target], ids[:, 1:][target])
+    """Mean next-token cross-entropy over completion tokens only, of a batch from `collate`."""
+    return prompting.completion_loss(model, ids, mask, (ids != PAD).long())
 
 
-@torch.no_grad()
 def greedy(model, codec: Codec, prompts: Sequence[str], max_new: int = 16) -> list[str]:
     """Greedy completions of a left-padded batch of prompts (KV cache), each cut at its first newline and
     written as the concatenation of its tokens (data characters without spacing).
     Any forward hooks on the model (a functional LoRA) see the batch in this order."""
     rows = [[BOS] + codec.encode(p) for p in prompts]
-    t = max(map(len, rows))
-    ids = torch.full((len(rows), t), PAD, dtype=torch.long)
-    att = torch.zeros((len(rows), t), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, t - len(r):] = torch.tensor(r)
-        att[i, t - len(r):] = 1
-    pos = (att.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
-    cache_kw = _cache_kwarg(model)
-    nxt = out.logits[:, -1].argmax(-1)
-    gen, done = [], torch.zeros(len(rows), dtype=torch.bool)
-    for _ in range(max_new):
-        gen.append(nxt)
-        done |= (nxt == codec.newline) | (nxt == EOS)
-        if bool(done.all()):
-            break
-        att = torch.cat([att, torch.ones_like(att[:, :1])], dim=1)
-        pos = pos[:, -1:] + 1
-        past = getattr(out, "cache", None) if cache_kw == "cache" else out.past_key_values
-        out = model(input_ids=nxt[:, None], attention_mask=att, position_ids=pos, use_cache=True, **{cache_kw: past})
-        nxt = out.logits[:, -1].argmax(-1)
-    texts = []
-    for row in torch.stack(gen, dim=1).tolist():
-        cut = [i for i, v in enumerate(row) if v in (codec.newline, EOS)]
-        texts.append("".join(codec.tokenizer.convert_ids_to_tokens(row[: cut[0]] if cut else row)))
-    return texts
+    cut = decode_greedy(model, rows, pad_id=PAD, stop_ids=frozenset({codec.newline, EOS}), max_new=max_new)
+    return [codec.answer(row) for row in cut]
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5.x renamed past_key_values to cache; older releases know only the former."""
-    import inspect
+def is_demo_base(path: str | Path) -> bool:
+    """Whether `path` was written by `loragen train base` (pretrain_base): its train_log.json is the log of
+    the "base pretraining" stage. Such a base reads the spaced demo layout; every other base does not."""
+    log = Path(path) / LOG
+    if not log.is_file():
+        return False
+    try:
+        return json.loads(log.read_text(encoding="utf-8")).get("name") == PRETRAINING
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False  # some other tool's train_log.json
 
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel passes kwargs on
-    return "cache" if "cache" in inspect.signature(type(inner).forward).parameters else "past_key_values"
 
-
-def load_base(path: str | Path):
-    """(model, Codec) of a saved demo base model directory, in eval mode, frozen."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+def load_base(path: str | Path, template: str = "auto") -> tuple[torch.nn.Module, PromptFormat]:
+    """(model, prompt format) of a saved Hugging Face causal LM directory with its tokenizer, the model in
+    eval mode and frozen. `template` is what --template says (see generator/train/prompting.py); for the demo
+    base, 'auto' gives the spaced format, whose class is `Codec`. Never runs code shipped with the model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per tiny model drowns the training bars
-    model = LlamaForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"base model {path}: no tokenizer AutoTokenizer can load ({_first_line(e)}); save the "
+                         "tokenizer beside the model with tokenizer.save_pretrained(DIR)") from None
+    fmt = prompt_format(template, tokenizer, demo_base=is_demo_base(path))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"base model {path} is not a causal LM transformers can load without remote code "
+                         f"({_first_line(e)}); give --base a Llama-family model directory (config.json + weights)") from None
     model.eval().requires_grad_(False)
-    return model, Codec(AutoTokenizer.from_pretrained(str(path)))
+    return model, fmt
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_size: int = 32, pack: int = 3,
@@ -191,7 +169,7 @@ def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_s
             seqs.append(codec.sequence(pairs, rng.choice(suite.train_descriptions[task])))
         return completion_loss(model, *collate(seqs))
 
-    log = train_loop(model, loss_at, cfg, out, name="base pretraining",
+    log = train_loop(model, loss_at, cfg, out, name=PRETRAINING,
                      extra_log={"params": sum(p.numel() for p in model.parameters())})
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

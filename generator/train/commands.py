@@ -1,11 +1,15 @@
 """`loragen train ...` and `loragen eval`: argument parsers and commands (imports nothing heavy until run).
 
     loragen train suite --out suite.json             the demo task suite from a seed
+    loragen train suite --universe --out suite.json  the task universe (500+ tasks, three held-out splits)
     loragen train base  --suite S --out DIR          pretrain the tiny Llama on instruction-prefixed examples
     loragen train lora  --base B --suite S --task T [--task T2 ...] --out DIR    a PEFT LoRA (oracle or multi-task)
     loragen train lora  --base B --suite S --all --out LIBRARY                   every task's oracle + multi-task
     loragen train recon --base B --suite S --library LIB --out DIR               T2L by reconstruction
     loragen train sft   --base B --suite S --out DIR                              T2L end to end through the base
+lora, recon and sft take any Llama-family Hugging Face causal LM as --base, and the LoRA settings
+--target-modules, --rank, --alpha; lora and sft write examples in the prompt format --template names;
+recon and sft name the base in the checkpoint they write (--base-id).
     loragen train demo  [--out DIR]                  all of the above + evaluation: the demo bundle
     loragen eval [BUNDLE] [--out DIR]                the quality table (markdown + JSON) and the adapter map
 """
@@ -32,13 +36,39 @@ def add_parsers(sub) -> None:
         sp.add_argument("--no-resume", action="store_true", help="start over even if a checkpoint is there")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    def lora_args(sp, *, template: bool, base_id: bool) -> None:
+        # defaults are lora.LoraSettings' (None here: this module imports nothing heavy to build the parser)
+        sp.add_argument("--target-modules", metavar="NAMES",
+                        help="comma-separated projections of every decoder layer to adapt, among q_proj, k_proj, v_proj, "
+                             "o_proj, gate_proj, up_proj, down_proj (default: q_proj,v_proj)")
+        sp.add_argument("--rank", type=int, help="LoRA rank r (default: 8)")
+        sp.add_argument("--alpha", type=float, help="LoRA alpha; adapters scale B@A by alpha/sqrt(r) (default: 16)")
+        if template:
+            sp.add_argument("--template", default="auto",
+                            help="prompt format of the examples: 'spaced' (the loragen demo layout), 'chat' (the "
+                                 "tokenizer's chat template) or a template string with {input} and optionally "
+                                 "{instruction}, e.g. '{instruction}\\nInput: {input}\\nOutput: '; default 'auto': "
+                                 "spaced for a base written by `loragen train base`, else chat if the tokenizer has a "
+                                 "chat template, else that example (see generator/train/prompting.py)")
+        if base_id:
+            sp.add_argument("--base-id", metavar="ID", help="the base model id generated adapters name (default: "
+                            "loragen/demo-base for a base written by `loragen train base`, else the hub id in the "
+                            "base's config.json, else its directory name)")
+
+    def tasks_arg(sp) -> None:
+        sp.add_argument("--tasks", "--suite", dest="suite", required=True, metavar="FILE",
+                        help="a task collection (JSONL, one task per line) or a suite file from `loragen train suite`")
+
     s = stages.add_parser("suite", help="write the demo task suite (tasks, descriptions split, examples) as JSON")
     s.add_argument("--out", required=True, metavar="FILE")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--examples", type=int, default=400, help="training examples per task")
+    s.add_argument("--examples", type=int, help="training examples per task (default: 400; 200 in the universe)")
+    s.add_argument("--universe", action="store_true",
+                   help="the task universe: hundreds of tasks from parametric families and compositions, "
+                        "with three held-out splits (new parameter values, new compositions, new families)")
 
     b = stages.add_parser("base", help="pretrain the tiny Llama base model on instruction-prefixed examples")
-    b.add_argument("--suite", required=True, metavar="FILE")
+    tasks_arg(b)
     b.add_argument("--out", required=True, metavar="DIR")
     b.add_argument("--hidden", type=int, default=128)
     b.add_argument("--layers", type=int, default=4)
@@ -46,18 +76,19 @@ def add_parsers(sub) -> None:
 
     lo = stages.add_parser("lora", help="oracle LoRA(s) with PEFT: one task, several (multi-task), or --all")
     lo.add_argument("--base", required=True, metavar="DIR")
-    lo.add_argument("--suite", required=True, metavar="FILE")
+    tasks_arg(lo)
     which = lo.add_mutually_exclusive_group(required=True)
     which.add_argument("--task", action="append", metavar="NAME", help="a task; repeat for a multi-task LoRA")
     which.add_argument("--all", action="store_true", help="every task's oracle in OUT/<task>/ and OUT/_multitask/")
     lo.add_argument("--out", required=True, metavar="DIR")
+    lora_args(lo, template=True, base_id=False)
     loop_args(lo, 80, 5e-3)
 
     for name, helptext, steps in (("recon", "T2L reconstruction training from a LoRA library", 1500),
                                   ("sft", "T2L SFT training through the frozen base model", 1200)):
         h = stages.add_parser(name, help=helptext)
         h.add_argument("--base", required=True, metavar="DIR", help="the base model (its dims; SFT trains through it)")
-        h.add_argument("--suite", required=True, metavar="FILE")
+        tasks_arg(h)
         h.add_argument("--out", required=True, metavar="DIR")
         h.add_argument("--latent", type=int, default=64)
         h.add_argument("--head-in", type=int, default=128)
@@ -65,12 +96,15 @@ def add_parsers(sub) -> None:
             h.add_argument("--library", required=True, metavar="DIR")
         else:
             h.add_argument("--document-share", type=float, default=0.3, help="share of samples conditioned on a document")
+        lora_args(h, template=name == "sft", base_id=True)
         loop_args(h, steps, 1e-3)
 
     d = stages.add_parser("demo", help="build the whole demo bundle (suite, base, library, T2L recon + SFT, eval)")
     d.add_argument("--out", default=str(DEMO_BUNDLE), metavar="DIR", help=f"default: {DEMO_BUNDLE}")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scaled-down", action="store_true", help="a one-minute version (tests, smoke checks)")
+    d.add_argument("--universe", action="store_true",
+                   help="build on the task universe (500+ tasks, three held-out splits) instead of the 34-task suite")
     d.add_argument("--no-eval", action="store_true")
     d.add_argument("--quiet", action="store_true")
 
@@ -87,16 +121,29 @@ def _loop(args: argparse.Namespace):
                       progress=not args.quiet, warmup=min(100, max(1, args.steps // 10)))
 
 
-def _suite(path: str):
+def _suite(path: str, seed: int = 0):
+    """A suite file (`loragen train suite`) or a task collection (JSONL, see generator/train/tasks.py)."""
+    import json
+
     from generator.errors import InputError
     from generator.train.suite import Suite
+    from generator.train.tasks import load_tasks, suite_from_tasks
 
-    try:
-        return Suite.load(path)
-    except FileNotFoundError:
-        raise InputError(f"suite {path} not found; build one with `loragen train suite --out {path}`") from None
-    except (ValueError, TypeError, KeyError) as e:
-        raise InputError(f"{path} is not a suite file ({type(e).__name__}: {e})") from None
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"task file {path} not found; write a JSONL task collection (one task per line) or "
+                         f"build a suite with `loragen train suite --out {path}`")
+    if p.suffix != ".jsonl":
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError):
+            d = None  # not one JSON document: read it as JSONL, whose errors name the line
+        if isinstance(d, dict) and "train_examples" in d:
+            try:
+                return Suite.load(p)
+            except (ValueError, TypeError, KeyError, AttributeError) as e:
+                raise InputError(f"{path} is not a valid suite file ({type(e).__name__}: {e})") from None
+    return suite_from_tasks(load_tasks(p), seed)
 
 
 def _dir(path: str, what: str, marker: str) -> Path:
@@ -106,6 +153,25 @@ def _dir(path: str, what: str, marker: str) -> Path:
     if not (p / marker).exists():
         raise InputError(f"{what} {path} has no {marker}")
     return p
+
+
+def _template(args: argparse.Namespace) -> str:
+    """--template, with \\n in it read as a newline (a shell passes it as two characters), checked before any
+    model loads; the named formats are checked against the base's tokenizer when it loads."""
+    from generator.train.prompting import check_template_flag
+
+    template = args.template.replace("\\n", "\n")
+    check_template_flag(template)
+    return template
+
+
+def _lora_settings(args: argparse.Namespace):
+    """--target-modules, --rank, --alpha (their defaults: LoraSettings')."""
+    from generator.train.lora import DEFAULT_LORA, LoraSettings
+
+    d = DEFAULT_LORA
+    modules = d.target_modules if args.target_modules is None else LoraSettings.parse_modules(args.target_modules)
+    return LoraSettings(modules, d.r if args.rank is None else args.rank, d.alpha if args.alpha is None else args.alpha)
 
 
 def _progress_logging(quiet: bool) -> None:
@@ -126,18 +192,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         (Path(args.out) / STATE).unlink(missing_ok=True)
     if args.stage == "suite":
         from generator.train.suite import build_suite
+        from generator.train.universe import UniverseConfig, build_universe_suite
 
-        suite = build_suite(args.seed, n_train=args.examples)
+        if args.examples is not None and args.examples < 1:
+            raise InputError("--examples must be positive")
+        if args.universe:
+            ucfg = UniverseConfig(seed=args.seed)
+            suite = build_universe_suite(replace(ucfg, n_train_examples=args.examples or ucfg.n_train_examples))
+        else:
+            suite = build_suite(args.seed, n_train=args.examples or 400)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         suite.save(args.out)
-        print(f"wrote {args.out}: {len(suite.tasks)} tasks ({len(suite.held_out)} held out), "
+        splits = ", ".join(f"{name} {len(tasks)}" for name, tasks in suite.held_out_splits.items())
+        print(f"wrote {args.out}: {len(suite.tasks)} tasks ({len(suite.held_out)} held out: {splits}), "
               f"{sum(map(len, suite.train_descriptions.values()))} training and "
               f"{sum(map(len, suite.eval_descriptions.values()))} evaluation descriptions")
         return 0
     if args.stage == "demo":
         from generator.train.demo import DemoConfig, build_demo
 
-        cfg = DemoConfig.scaled_down(args.seed) if args.scaled_down else DemoConfig().with_seed(args.seed)
+        if args.universe:
+            cfg = DemoConfig.scaled_down_universe(args.seed) if args.scaled_down else DemoConfig.universe_build(args.seed)
+        else:
+            cfg = DemoConfig.scaled_down(args.seed) if args.scaled_down else DemoConfig().with_seed(args.seed)
         result = build_demo(args.out, cfg, evaluate=not args.no_eval, progress=not args.quiet)
         print(f"built {args.out} in {result['build']['total_seconds']} s (stages: {result['build']['stage_seconds']})")
         if result["eval"]:
@@ -147,7 +224,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.steps < 1 or args.batch_size < 1:
         raise InputError("--steps and --batch-size must be positive")
-    suite = _suite(args.suite)
+    suite = _suite(args.suite, args.seed)
     if args.stage == "base":
         from generator.train.basemodel import pretrain_base
 
@@ -157,17 +234,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         from generator.train.lora import train_library, train_lora
 
         base = _dir(args.base, "base model", "config.json")
+        lora, template = _lora_settings(args), _template(args)
         if args.all:
             loop = _loop(args)
-            logs = train_library(base, suite, args.out, loop, replace(loop, steps=2 * loop.steps), batch_size=args.batch_size)
+            logs = train_library(base, suite, args.out, loop, replace(loop, steps=2 * loop.steps), batch_size=args.batch_size,
+                                 lora=lora, template=template)
             print(f"trained {len(logs)} adapters into {args.out}")
             return 0
-        log = train_lora(base, suite, args.task, args.out, _loop(args), batch_size=args.batch_size)
+        log = train_lora(base, suite, args.task, args.out, _loop(args), batch_size=args.batch_size, lora=lora,
+                         template=template)
     else:
-        from generator.train.conditioning import demo_hyper_config
+        from generator.train.conditioning import hyper_config
 
         base = _dir(args.base, "base model", "config.json")
-        config = demo_hyper_config(base, latent=args.latent, head_in=args.head_in)
+        template = _template(args) if args.stage == "sft" else None
+        if args.base_id is not None and not args.base_id.strip():
+            raise InputError("--base-id must name the base model, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+        config = hyper_config(base, lora=_lora_settings(args), base_model=args.base_id, latent=args.latent,
+                              head_in=args.head_in)
         if args.stage == "recon":
             from generator.train.recon import train_recon
 
@@ -177,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             from generator.train.sft import train_sft
 
             log = train_sft(config, suite, base, args.out, _loop(args), batch_size=args.batch_size,
-                            document_share=args.document_share)
+                            document_share=args.document_share, template=template)
     print(f"wrote {args.out}: loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} in {log['elapsed_s']:.0f} s "
           f"(train_log.json, loss.png)")
     return 0

@@ -1,8 +1,11 @@
-"""Build the demo bundle end to end from one seed: `loragen train demo --out DIR`.
+"""Build the demo bundle end to end from one seed: `loragen train demo --out DIR [--universe]`.
 
-    DIR/suite.json          the task suite (tasks, description split, examples, documents)
+    DIR/suite.json          the task suite (tasks, description split, examples, documents): the demo suite
+                            of 34 tasks, or with --universe the task universe (see universe.py)
     DIR/base/               the tiny Llama base model (Hugging Face format), pretrained on instructions
-    DIR/library/<task>/     oracle PEFT LoRA per task; library/_multitask/ the multi-task baseline
+    DIR/library/<task>/     oracle PEFT LoRA per task (of the universe: the tasks evaluation scores and a
+                            fixed sample of seen tasks for reconstruction); library/_multitask/ the
+                            multi-task baseline over every seen task
     DIR/t2l-recon/          T2L trained by reconstruction of the library (native checkpoint)
     DIR/t2l-sft/            T2L trained end to end through the base model (native checkpoint; served)
     DIR/eval/               quality.md, quality.json, adapters.png (`loragen eval DIR`)
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +27,8 @@ from pathlib import Path
 import torch
 
 from generator.train.loop import LoopConfig
+from generator.train.suite import Suite, build_suite
+from generator.train.universe import UniverseConfig, build_universe_suite
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ class DemoConfig:
     recon: LoopConfig = LoopConfig(steps=1500, lr=1e-3, warmup=50, ckpt_every=500, log_every=25)
     sft: LoopConfig = LoopConfig(steps=1200, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
     hyper: dict = field(default_factory=lambda: {"latent": 64, "head_in": 128})
+    universe: UniverseConfig | None = None  # None: the demo suite; else the task universe of this config
+    n_recon_library: int = 64  # universe only: seen tasks with an oracle for reconstruction to learn from
 
     @classmethod
     def scaled_down(cls, seed: int = 0) -> DemoConfig:
@@ -55,11 +63,54 @@ class DemoConfig:
                    sft=LoopConfig(steps=40, lr=2e-3, warmup=5, **quick),
                    hyper={"latent": 16, "head_in": 32})
 
+    @classmethod
+    def universe_build(cls, seed: int = 0) -> DemoConfig:
+        """The full build on the task universe. The base model sees one example per sequence, so every
+        completion depends on the instruction (packed examples let it copy the task from earlier pairs)."""
+        from dataclasses import replace
+
+        base = LoopConfig(steps=3000, lr=3e-3, warmup=100, ckpt_every=250, log_every=25)
+        return replace(cls(), universe=UniverseConfig(), n_train_examples=200, base=base,
+                       base_size={"hidden": 160, "layers": 4, "heads": 5, "intermediate": 480,
+                                  "batch_size": 64, "pack": 1}).with_seed(seed)
+
+    @classmethod
+    def scaled_down_universe(cls, seed: int = 0) -> DemoConfig:
+        """The test-sized build of a small universe (nine families, three held-out splits)."""
+        from dataclasses import replace
+
+        small = UniverseConfig(seed=seed, families=SMALL_UNIVERSE, n_new_families=1, n_compositions=60,
+                               n_train_descriptions=6, n_eval_descriptions=3, n_docs=2, eval_tasks_per_split=2)
+        return replace(cls.scaled_down(seed), universe=small, n_eval_examples=6, n_recon_library=6)
+
     def with_seed(self, seed: int) -> DemoConfig:
         from dataclasses import replace
 
         stages = {k: replace(getattr(self, k), seed=seed) for k in ("base", "lora", "multitask", "recon", "sft")}
-        return replace(self, seed=seed, **stages)
+        universe = replace(self.universe, seed=seed) if self.universe else None
+        return replace(self, seed=seed, universe=universe, **stages)
+
+    def build_suite(self) -> Suite:
+        from dataclasses import replace
+
+        if self.universe is None:
+            return build_suite(self.seed, self.n_train_examples, self.n_eval_examples)
+        return build_universe_suite(replace(self.universe, n_train_examples=self.n_train_examples,
+                                            n_eval_examples=self.n_eval_examples))
+
+    def library_tasks(self, suite: Suite) -> list[str] | None:
+        """The tasks that get an oracle: all of the demo suite's; of a universe, those evaluation scores
+        and a fixed sample of seen ones for reconstruction (None: all)."""
+        if self.universe is None:
+            return None
+        evaluated = {t for tasks in suite.evaluated().values() for t in tasks}
+        rest = sorted(set(suite.seen) - evaluated)
+        recon = sorted(random.Random(self.seed).sample(rest, min(len(rest), self.n_recon_library)))
+        return [t for t in suite.tasks if t in evaluated or t in set(recon)]
+
+
+# the families of the test-sized universe: word, list and number operations, one or two parameters
+SMALL_UNIVERSE = ("shift_forward", "take_first", "drop_last", "replace", "wrap", "reverse", "list_nth", "list_sort", "add")
 
 
 def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate: bool = True, progress: bool = True) -> dict:
@@ -69,7 +120,6 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     from generator.train.lora import train_library
     from generator.train.recon import train_recon
     from generator.train.sft import train_sft
-    from generator.train.suite import Suite, build_suite
 
     b = Bundle(Path(out_dir))
     b.root.mkdir(parents=True, exist_ok=True)
@@ -89,16 +139,18 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
 
         return c if progress else replace(c, progress=False)
 
-    stage("suite", b.suite.exists(), lambda: build_suite(cfg.seed, cfg.n_train_examples, cfg.n_eval_examples).save(b.suite))
+    stage("suite", b.suite.exists(), lambda: cfg.build_suite().save(b.suite))
     suite = Suite.load(b.suite)
     stage("base", (b.base / "model.safetensors").exists(),
           lambda: pretrain_base(suite, b.base, loop(cfg.base), **cfg.base_size))
+    library_tasks = cfg.library_tasks(suite)
     stage("library", (b.library / "_multitask" / "adapter_model.safetensors").exists(),
-          lambda: train_library(b.base, suite, b.library, loop(cfg.lora), loop(cfg.multitask)))
+          lambda: train_library(b.base, suite, b.library, loop(cfg.lora), loop(cfg.multitask), tasks=library_tasks))
     config = demo_hyper_config(b.base, **cfg.hyper)
-    table = EmbeddingTable.for_suite(config.encoder, suite)
+    table = EmbeddingTable.for_training(config.encoder, suite)  # no evaluation text, no held-out task
+    recon_tasks = [t for t in suite.seen if library_tasks is None or t in set(library_tasks)]
     stage("recon", (b.recon / "model.safetensors").exists(),
-          lambda: train_recon(config, suite, b.library, b.recon, loop(cfg.recon), table=table))
+          lambda: train_recon(config, suite, b.library, b.recon, loop(cfg.recon), table=table, tasks=recon_tasks))
     stage("sft", (b.sft / "model.safetensors").exists(),
           lambda: train_sft(config, suite, b.base, b.sft, loop(cfg.sft), table=table))
     result = {}
@@ -109,7 +161,8 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
         times = {**json.loads(build_file.read_text()).get("stage_seconds", {}), **times}
     build = {"config": asdict(cfg), "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
              "torch": torch.__version__,
-             "threads": torch.get_num_threads(), "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}"}
+             "threads": torch.get_num_threads(),
+             "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}{' --universe' if cfg.universe else ''}"}
     build_file.write_text(json.dumps(build, indent=1) + "\n")
     return {"build": build, "eval": result}
 

@@ -16,10 +16,11 @@ from generator.checkpoint import Checkpoint
 from generator.config import HyperConfig
 from generator.errors import InputError
 from generator.hypernet import HyperLoRA, build_hypernet
-from generator.train.basemodel import collate, completion_loss, load_base
+from generator.train.basemodel import load_base
 from generator.train.conditioning import EmbeddingTable
 from generator.train.functional import FunctionalLora
 from generator.train.loop import LoopConfig, train_loop
+from generator.train.prompting import completion_loss
 from generator.train.suite import Suite
 
 
@@ -36,12 +37,14 @@ def zero_b_heads(net: HyperLoRA) -> None:
 
 
 def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: str | Path, cfg: LoopConfig, *,
-              batch_size: int = 32, pack: int = 2, document_share: float = 0.3, table: EmbeddingTable | None = None) -> dict:
+              batch_size: int = 32, pack: int = 2, document_share: float = 0.3, table: EmbeddingTable | None = None,
+              template: str = "auto") -> dict:
     """Train on the suite's seen tasks; conditioning is a training description, or with probability
-    `document_share` a training document (so documents work as input too)."""
-    model, codec = load_base(base_dir)
+    `document_share` a training document (so documents work as input too). Examples are written in the
+    prompt format `template` names for the base (see prompting.py). Default table: the training table."""
+    model, fmt = load_base(base_dir, template)
     tasks = suite.seen
-    table = table or EmbeddingTable.for_suite(config.encoder, suite)
+    table = table or EmbeddingTable.for_training(config.encoder, suite)
     torch.manual_seed(cfg.seed)
     net = build_hypernet(config)
     zero_b_heads(net)
@@ -51,15 +54,18 @@ def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: 
         texts, seqs = [], []
         for _ in range(batch_size):
             t = rng.choice(tasks)
-            pool = suite.train_documents[t] if rng.random() < document_share else suite.train_descriptions[t]
+            docs = suite.train_documents.get(t)  # a task of a task file may have none
+            pool = docs if rng.random() < document_share and docs else suite.train_descriptions[t]
             texts.append(rng.choice(pool))
-            seqs.append(codec.sequence([rng.choice(suite.train_examples[t]) for _ in range(pack)]))
+            seqs.append(fmt.sequence([rng.choice(suite.train_examples[t]) for _ in range(pack)]))
         with lora.use(net(table(texts))):
-            return completion_loss(model, *collate(seqs))
+            return completion_loss(model, *fmt.batch(seqs))
 
     try:
+        provenance = {"prompt_format": fmt.name, "base_model": config.base_model,
+                      "table": {"texts": len(table.index), "sha256": table.digest}}  # what training could condition on
         log = train_loop(net, loss_at, cfg, out_dir, name="T2L SFT",
-                         extra_log={"tasks": tasks, "document_share": document_share})
+                         extra_log={"tasks": tasks, "document_share": document_share, **provenance})
     finally:
         lora.remove()
     Checkpoint.from_module(net, source=str(out_dir)).save(out_dir)

@@ -251,13 +251,41 @@ class Suite:
     train_examples: dict[str, list[tuple[str, str]]]
     eval_examples: dict[str, list[tuple[str, str]]]
     unrelated: list[str] = field(default_factory=list)  # control descriptions that name no task
+    # held-out tasks by split (split name → tasks; together exactly `held_out`); empty: one split "held_out"
+    splits: dict[str, list[str]] = field(default_factory=dict)
+    # the tasks evaluation scores, by split ("seen" and each held-out split); a split not named: all of it
+    eval_tasks: dict[str, list[str]] = field(default_factory=dict)
+    # per task, what it is made of (a universe's family and parameters); informative only
+    meta: dict[str, dict] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.splits and sorted(t for ts in self.splits.values() for t in ts) != sorted(self.held_out):
+            raise ValueError("the held-out splits must together hold exactly the held-out tasks, each once")
 
     @property
     def seen(self) -> list[str]:
-        return [t for t in self.tasks if t not in self.held_out]
+        held = set(self.held_out)
+        return [t for t in self.tasks if t not in held]
+
+    @property
+    def held_out_splits(self) -> dict[str, list[str]]:
+        return self.splits or ({"held_out": list(self.held_out)} if self.held_out else {})
+
+    def evaluated(self) -> dict[str, list[str]]:
+        """split → the tasks evaluation scores: "seen" first, then each held-out split."""
+        every = {"seen": self.seen, **self.held_out_splits}
+        return {s: self.eval_tasks.get(s) or tasks for s, tasks in every.items()}
+
+    def training_texts(self) -> set[str]:
+        """Every text a hypernetwork may be conditioned on in training: the seen tasks' training
+        descriptions and documents. Nothing else (no evaluation phrasing, no held-out task)."""
+        return {t for task in self.seen for group in (self.train_descriptions, self.train_documents)
+                for t in group.get(task, ())}
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.__dict__, indent=1) + "\n")
+        optional = ("splits", "eval_tasks", "meta")  # written only when set: a plain suite's file is unchanged
+        d = {k: v for k, v in self.__dict__.items() if k not in optional or v}
+        Path(path).write_text(json.dumps(d, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Suite:
