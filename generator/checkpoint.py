@@ -2,7 +2,8 @@
 
 Native format (a directory):
     config.json        HyperConfig.to_json(): format version, variant, dims, ordered modules, LoRA and
-                       encoder settings, base model id and revision
+                       encoder settings, base model id and revision, and (a reader checkpoint only) the
+                       token reader's settings under "reader"
     model.safetensors  the state dict, float32; loading it never unpickles anything
 
 Released T2L format (SakanaAI/text-to-lora, `trained_t2l/<name>/`):
@@ -21,7 +22,7 @@ import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -106,6 +107,8 @@ class Checkpoint:
             "encoder": c.encoder.name,
             "encoder_pooling": c.encoder.pooling,
             "encoder_normalization": c.encoder.normalization,
+            # null: one pooled embedding per text; else the token reader's settings (latents, width, heads, ...)
+            "reader": None if c.reader is None else asdict(c.reader),
             "parameters": self.n_params,
             "sha256": self.sha256,
         }
@@ -138,7 +141,8 @@ def check_state_dict(config: HyperConfig, state_dict: Mapping[str, object]) -> N
         if unexpected:
             parts.append(f"unexpected keys {_few(unexpected)}")
         raise CheckpointError(
-            f"state dict does not match a {config.variant} hypernetwork for modules "
+            f"state dict does not match a {config.variant} hypernetwork"
+            f"{' with a token reader (config.json has reader)' if config.reader else ''} for modules "
             f"{config.target_modules}: {'; '.join(parts)}"
         )
     for k, shape in want.items():

@@ -4,6 +4,12 @@ A `HyperConfig` is everything needed to build the network and to name its output
 variant, the dims, the ordered target modules of the base model, the LoRA hyper-parameters, the task
 encoder it expects and the base model it adapts. It validates itself once, at construction, and its
 errors name the fix. `to_dict`/`from_dict` give the `config.json` of a native checkpoint.
+
+`reader` chooses what the hypernetwork is conditioned on. None (every released T2L checkpoint, and the
+default): one pooled, normalised sentence embedding (B, E) per text. A `ReaderSpec`: the encoder's
+token-level states (B, T, E), read by cross-attention from learned latent queries (Perceiver-style, as in
+Doc-to-LoRA), which keeps the word order and the small words a pooled embedding nearly erases ("add" vs
+"subtract", "then reverse" vs "reverse, then").
 """
 
 from __future__ import annotations
@@ -78,6 +84,33 @@ class EncoderSpec:
 
 
 @dataclass(frozen=True)
+class ReaderSpec:
+    """The token reader: Q learned latent queries of width W cross-attend to the task text's token states."""
+
+    latents: int = 16  # Q: each latent can specialise (the operation, its operand, the order); 16 is plenty for one sentence
+    width: int = 256  # W: the reader's own width; token states are projected E -> W, so it need not be E
+    heads: int = 4  # attention heads of every cross- and self-attention; W must divide by it
+    layers: int = 2  # blocks of (cross-attention to the tokens, self-attention among latents, MLP)
+    max_tokens: int = 1024  # T cap per text: a long document's windows are concatenated up to this many tokens
+
+    def __post_init__(self) -> None:
+        for name in ("latents", "width", "heads", "layers", "max_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"reader.{name} must be a positive integer, got {value!r}")
+        if self.width % 2:
+            raise ConfigError(f"reader.width must be even (token positions are coded as sine/cosine pairs), got {self.width}")
+        if self.width % self.heads:
+            fits = 2 * self.heads * max(1, -(-self.width // (2 * self.heads)))  # the next even multiple of heads
+            raise ConfigError(
+                f"reader.width ({self.width}) must be a multiple of reader.heads ({self.heads}): each head reads "
+                f"width/heads features; change one of them, e.g. width {fits}"
+            )
+        if self.max_tokens < 8:
+            raise ConfigError(f"reader.max_tokens must be at least 8 tokens, got {self.max_tokens}")
+
+
+@dataclass(frozen=True)
 class HyperConfig:
     """Architecture of one hypernetwork. Short names as in hypernet.py: E, D, H, N, r."""
 
@@ -93,6 +126,7 @@ class HyperConfig:
     encoder: EncoderSpec = field(default_factory=EncoderSpec)
     base_model: str = ""  # canonical hub id of the base LLM: written into adapter_config.json
     base_model_revision: str | None = None
+    reader: ReaderSpec | None = None  # None: conditioned on one pooled embedding; else on token states (see above)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -129,6 +163,8 @@ class HyperConfig:
             )
         if not self.base_model:
             raise ConfigError("base_model must be the canonical hub id of the base LLM, e.g. mistralai/Mistral-7B-Instruct-v0.2")
+        if self.reader is not None and not isinstance(self.reader, ReaderSpec):
+            raise ConfigError(f"reader must be a ReaderSpec or null, got {type(self.reader).__name__}")
         if self.format_version != FORMAT_VERSION:
             raise ConfigError(
                 f"checkpoint format version {self.format_version} is not supported by this loragen "
@@ -155,6 +191,8 @@ class HyperConfig:
         d = asdict(self)
         d["modules"] = [asdict(m) for m in self.modules]
         d["encoder"] = asdict(self.encoder)
+        if self.reader is None:
+            del d["reader"]  # a pooled config writes exactly what it always did: its hash and file are unchanged
         # format_version first so a reader can refuse a file before parsing the rest
         return {"format_version": d.pop("format_version"), **d}
 
@@ -173,8 +211,12 @@ class HyperConfig:
             d = dict(d)
             d["modules"] = tuple(ModuleSpec(**m) for m in d["modules"])
             d["encoder"] = EncoderSpec(**d.get("encoder", {}))
+            reader = d.get("reader")
+            if reader is not None and not isinstance(reader, dict):
+                raise ConfigError(f"reader must be a JSON object of reader settings or null, got {type(reader).__name__}")
+            d["reader"] = None if reader is None else ReaderSpec(**reader)
             return cls(**d)
-        except TypeError as e:  # wrong or missing field inside modules/encoder
+        except TypeError as e:  # wrong or missing field inside modules/encoder/reader
             raise ConfigError(f"malformed config: {e}") from None
 
     def to_json(self) -> str:

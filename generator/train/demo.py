@@ -49,7 +49,7 @@ class DemoConfig:
     sft: LoopConfig = LoopConfig(steps=1200, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
     hyper: dict = field(default_factory=lambda: {"latent": 64, "head_in": 128})
     universe: UniverseConfig | None = None  # None: the demo suite; else the task universe of this config
-    n_recon_library: int = 64  # universe only: seen tasks with an oracle for reconstruction to learn from
+    n_recon_library: int = 32  # universe only: seen tasks with an oracle for reconstruction to learn from
 
     @classmethod
     def scaled_down(cls, seed: int = 0) -> DemoConfig:

@@ -13,16 +13,17 @@ from generator.checkpoint import Checkpoint
 from generator.config import HyperConfig
 from generator.errors import InputError
 from generator.hypernet import build_hypernet
-from generator.train.conditioning import EmbeddingTable
+from generator.train.conditioning import Table, check_table, training_table
 from generator.train.functional import peft_settings, read_peft
 from generator.train.loop import LoopConfig, train_loop
 from generator.train.suite import Suite
 
 
 def train_recon(config: HyperConfig, suite: Suite, library: str | Path, out_dir: str | Path, cfg: LoopConfig, *,
-                batch_size: int = 32, table: EmbeddingTable | None = None, tasks: Sequence[str] | None = None) -> dict:
+                batch_size: int = 32, table: Table | None = None, tasks: Sequence[str] | None = None) -> dict:
     """Train on the library adapters of `tasks` (default: every seen task), conditioned on their training
-    descriptions. Default table: the training table."""
+    descriptions. Default table: the training table, of token states when `config` has a token reader (config.reader),
+    else of pooled embeddings."""
     if tasks is None:
         tasks = suite.seen
     unseen = sorted(set(tasks) - set(suite.seen))
@@ -34,14 +35,14 @@ def train_recon(config: HyperConfig, suite: Suite, library: str | Path, out_dir:
     targets = {t: read_peft(Path(library) / t, config.target_modules, config.n_layers) for t in tasks}
     var = {(m, k): torch.cat([targets[t][m][k].flatten() for t in tasks]).var().clamp_min(1e-12)
            for m in config.target_modules for k in (0, 1)}
-    table = table or EmbeddingTable.for_training(config.encoder, suite)
+    table = table or training_table(config, suite)
+    check_table(config, table)
     torch.manual_seed(cfg.seed)
     net = build_hypernet(config)
 
     def loss_at(step, rng):
         picks = [rng.choice(tasks) for _ in range(batch_size)]
-        emb = table([rng.choice(suite.train_descriptions[t]) for t in picks])
-        pred = net(emb)
+        pred = table.adapters(net, [rng.choice(suite.train_descriptions[t]) for t in picks])
         loss = 0.0
         for m, (a, b) in pred.items():
             ta = torch.cat([targets[t][m][0] for t in picks])

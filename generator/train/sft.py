@@ -17,7 +17,7 @@ from generator.config import HyperConfig
 from generator.errors import InputError
 from generator.hypernet import HyperLoRA, build_hypernet
 from generator.train.basemodel import load_base
-from generator.train.conditioning import EmbeddingTable
+from generator.train.conditioning import Table, check_table, training_table
 from generator.train.functional import FunctionalLora
 from generator.train.loop import LoopConfig, train_loop
 from generator.train.prompting import completion_loss
@@ -37,14 +37,16 @@ def zero_b_heads(net: HyperLoRA) -> None:
 
 
 def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: str | Path, cfg: LoopConfig, *,
-              batch_size: int = 32, pack: int = 2, document_share: float = 0.3, table: EmbeddingTable | None = None,
+              batch_size: int = 32, pack: int = 2, document_share: float = 0.3, table: Table | None = None,
               template: str = "auto") -> dict:
     """Train on the suite's seen tasks; conditioning is a training description, or with probability
     `document_share` a training document (so documents work as input too). Examples are written in the
-    prompt format `template` names for the base (see prompting.py). Default table: the training table."""
+    prompt format `template` names for the base (see prompting.py). Default table: the training table, of
+    token states when `config` has a token reader (config.reader), else of pooled embeddings."""
     model, fmt = load_base(base_dir, template)
     tasks = suite.seen
-    table = table or EmbeddingTable.for_training(config.encoder, suite)
+    table = table or training_table(config, suite)
+    check_table(config, table)
     torch.manual_seed(cfg.seed)
     net = build_hypernet(config)
     zero_b_heads(net)
@@ -58,7 +60,7 @@ def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: 
             pool = docs if rng.random() < document_share and docs else suite.train_descriptions[t]
             texts.append(rng.choice(pool))
             seqs.append(fmt.sequence([rng.choice(suite.train_examples[t]) for _ in range(pack)]))
-        with lora.use(net(table(texts))):
+        with lora.use(table.adapters(net, texts)):
             return completion_loss(model, *fmt.batch(seqs))
 
     try:

@@ -276,6 +276,24 @@ class Suite:
         every = {"seen": self.seen, **self.held_out_splits}
         return {s: self.eval_tasks.get(s) or tasks for s, tasks in every.items()}
 
+    def with_seen(self, keep: list[str]) -> Suite:
+        """This suite with only the seen tasks `keep` (held-out ones unchanged): what a hypernetwork trained
+        on fewer tasks may see."""
+        unknown = sorted(set(keep) - set(self.seen))
+        if unknown:
+            raise ValueError(f"not seen tasks of this suite: {unknown[:5]}")
+        wanted = set(keep) | set(self.held_out)
+        tasks = [t for t in self.tasks if t in wanted]
+
+        def only(d: dict) -> dict:
+            return {t: v for t, v in d.items() if t in wanted}
+
+        eval_tasks = {s: [t for t in ts if t in wanted] for s, ts in self.eval_tasks.items()}
+        return Suite(self.seed, tasks, list(self.held_out), only(self.train_descriptions), only(self.eval_descriptions),
+                     only(self.train_documents), only(self.eval_documents), only(self.train_examples),
+                     only(self.eval_examples), list(self.unrelated), dict(self.splits),
+                     {s: ts for s, ts in eval_tasks.items() if ts}, only(self.meta))
+
     def training_texts(self) -> set[str]:
         """Every text a hypernetwork may be conditioned on in training: the seen tasks' training
         descriptions and documents. Nothing else (no evaluation phrasing, no held-out task)."""
