@@ -19,4 +19,16 @@ def fixtures_dir() -> Path:
         pytest.skip(f"reference fixtures not found at {FIXTURES}")
     return FIXTURES
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for a module: models this small gain nothing from a second thread, and lose a lot
+    on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 pytest_plugins = ["tests.redis_server"]  # redis_server / redis_prefix fixtures: a real Redis for every test run

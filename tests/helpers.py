@@ -16,3 +16,27 @@ def tiny_checkpoint(variant: str = "L", seed: int = 0, modules=None, n_layers: i
         r=2, encoder=EncoderSpec(dim=e), base_model="tiny-random/llama",
     )
     return Checkpoint.from_module(build_hypernet(config), source="tiny")
+
+
+# A five-task collection of word tasks for training tests (tests/test_custom_base.py, tests/test_reader.py)
+WORDS = ("apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "piano", "ocean", "zebra")
+TASKS = (  # name, descriptions (4: one is kept for evaluation), what the task does
+    ("reverse", ("Reverse the word.", "Write the word backwards.", "Spell it from the end.", "Flip the letters."),
+     lambda w: w[::-1]),
+    ("upper", ("Make the word upper case.", "Write it in capitals.", "Shout the word.", "Use capital letters."), str.upper),
+    ("first", ("Give the first letter.", "Say the initial letter.", "Only the first character.", "Start letter only."),
+     lambda w: w[0]),
+    ("double", ("Write the word twice.", "Repeat the word.", "Say it two times.", "Double the word."), lambda w: w + w),
+    ("last", ("Give the last letter.", "Say the final letter.", "Only the last character.", "End letter only."),
+     lambda w: w[-1]),
+)
+HELD_OUT = "last"
+
+
+def write_task_file(path) -> None:
+    """TASKS as a JSONL task collection, HELD_OUT marked held out."""
+    import json
+
+    lines = [json.dumps({"name": name, "descriptions": list(descs), "examples": [{"input": w, "output": fn(w)} for w in WORDS],
+                         **({"held_out": True} if name == HELD_OUT else {})}) for name, descs, fn in TASKS]
+    path.write_text("\n".join(lines) + "\n")

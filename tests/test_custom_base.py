@@ -25,20 +25,9 @@ import torch
 from generator import DEMO_BUNDLE
 from generator.errors import InputError
 from generator.train.tasks import load_tasks, suite_from_tasks
+from tests.helpers import HELD_OUT, TASKS, WORDS, write_task_file
 from tests.service_server import ServiceProcess
 
-WORDS = ("apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "piano", "ocean", "zebra")
-TASKS = (  # name, descriptions (4: one is kept for evaluation), what the task does
-    ("reverse", ("Reverse the word.", "Write the word backwards.", "Spell it from the end.", "Flip the letters."),
-     lambda w: w[::-1]),
-    ("upper", ("Make the word upper case.", "Write it in capitals.", "Shout the word.", "Use capital letters."), str.upper),
-    ("first", ("Give the first letter.", "Say the initial letter.", "Only the first character.", "Start letter only."),
-     lambda w: w[0]),
-    ("double", ("Write the word twice.", "Repeat the word.", "Say it two times.", "Double the word."), lambda w: w + w),
-    ("last", ("Give the last letter.", "Say the final letter.", "Only the last character.", "End letter only."),
-     lambda w: w[-1]),
-)
-HELD_OUT = "last"
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
@@ -78,13 +67,7 @@ def _qwen_tokenizer():
                                    additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +78,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
 
     hf_logging.disable_progress_bar()
     root = tmp_path_factory.mktemp("bases")
-    lines = [json.dumps({"name": name, "descriptions": list(descs), "examples": [{"input": w, "output": fn(w)} for w in WORDS],
-                         **({"held_out": True} if name == HELD_OUT else {})}) for name, descs, fn in TASKS]
-    (root / "tasks.jsonl").write_text("\n".join(lines) + "\n")
+    write_task_file(root / "tasks.jsonl")
     llama_tok, qwen_tok = _llama_tokenizer(), _qwen_tokenizer()
     torch.manual_seed(0)
     llama = LlamaForCausalLM(LlamaConfig(vocab_size=len(llama_tok), bos_token_id=1, eos_token_id=2, **TINY))

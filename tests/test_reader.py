@@ -22,33 +22,17 @@ from generator.config import EncoderSpec, HyperConfig, ModuleSpec, ReaderSpec
 from generator.errors import CheckpointError, ConfigError, InputError
 from generator.hypernet import build_hypernet
 from generator.pipeline import LoraGenerator, TaskInput
+from tests.helpers import TASKS, WORDS, write_task_file
 from tests.service_server import ServiceProcess
 
 WINDOW = 16  # encoder tokens per window: 14 content tokens between [CLS] and [SEP]
 ENCODER = EncoderSpec(max_length=WINDOW)
 READER = ReaderSpec(latents=4, width=16, heads=2, layers=1, max_tokens=64)
-WORDS = ("apple", "river", "stone", "cloud", "maple", "tiger", "lemon", "piano", "ocean", "zebra")
-TASKS = (  # name, descriptions (4: one is kept for evaluation), what the task does
-    ("reverse", ("Reverse the word.", "Write the word backwards.", "Spell it from the end.", "Flip the letters."),
-     lambda w: w[::-1]),
-    ("upper", ("Make the word upper case.", "Write it in capitals.", "Shout the word.", "Use capital letters."), str.upper),
-    ("first", ("Give the first letter.", "Say the initial letter.", "Only the first character.", "Start letter only."),
-     lambda w: w[0]),
-    ("double", ("Write the word twice.", "Repeat the word.", "Say it two times.", "Double the word."), lambda w: w + w),
-    ("last", ("Give the last letter.", "Say the final letter.", "Only the last character.", "End letter only."),
-     lambda w: w[-1]),
-)
 DOCUMENT = ("This note explains a small word game. You are given one English word. Write the same word again but with "
             "its letters in the opposite order, so that the last letter comes first and the first letter comes last.")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Models this small gain nothing from a second thread, and lose a lot on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reader_config(variant: str = "L", reader: ReaderSpec | None = READER) -> HyperConfig:
@@ -233,9 +217,7 @@ def tiny_base(tmp_path_factory) -> dict[str, Path]:
 
     hf_logging.disable_progress_bar()
     root = tmp_path_factory.mktemp("reader-base")
-    lines = [json.dumps({"name": name, "descriptions": list(descs), "examples": [{"input": w, "output": fn(w)} for w in WORDS],
-                         **({"held_out": True} if name == "last" else {})}) for name, descs, fn in TASKS]
-    (root / "tasks.jsonl").write_text("\n".join(lines) + "\n")
+    write_task_file(root / "tasks.jsonl")
     corpus = [d for _, ds, _ in TASKS for d in ds] + [f"Input: {w}\nOutput: {fn(w)}" for _, _, fn in TASKS for w in WORDS]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()

@@ -237,6 +237,7 @@ def test_trained_hypernetwork_beats_the_untrained_one_on_a_seen_task(mini_bundle
     (["train", "sft", "--suite", "SUITE", "--base", "/nonexistent", "--out", "OUT"],
      "base model /nonexistent has no config.json"),
     (["train", "base", "--suite", "SUITE", "--out", "OUT", "--steps", "0"], "--steps and --batch-size must be positive"),
+    (["train", "base", "--suite", "SUITE", "--out", "OUT", "--pack", "0"], "--pack must be positive"),
     (["train", "lora", "--suite", "SUITE", "--base", "BASE", "--task", "no_such_task", "--out", "OUT"], "unknown tasks"),
 ])
 def test_train_and_eval_cli_errors_are_one_line(argv, needle, tmp_path, capsys):

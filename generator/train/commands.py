@@ -86,6 +86,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--out", required=True, metavar="DIR")
     b.add_argument("--hidden", type=int, default=128)
     b.add_argument("--layers", type=int, default=4)
+    b.add_argument("--pack", type=int, default=3, help="examples per training sequence, after one instruction; 1 makes "
+                   "every answer depend on the instruction, more lets later answers copy the task from earlier ones")
     loop_args(b, 1500, 2e-3)
 
     lo = stages.add_parser("lora", help="oracle LoRA(s) with PEFT: one task, several (multi-task), or --all")
@@ -280,7 +282,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "base":
         from generator.train.basemodel import pretrain_base
 
-        log = pretrain_base(suite, args.out, _loop(args), batch_size=args.batch_size, hidden=args.hidden,
+        if args.pack < 1:
+            raise InputError("--pack must be positive")
+        log = pretrain_base(suite, args.out, _loop(args), batch_size=args.batch_size, pack=args.pack, hidden=args.hidden,
                             layers=args.layers, heads=max(1, args.hidden // 32), intermediate=3 * args.hidden)
     elif args.stage == "lora":
         from generator.train.lora import train_library, train_lora

@@ -225,15 +225,21 @@ def examples(task: Task, n: int, rng: random.Random) -> list[tuple[str, str]]:
 
 def documents(task: Task, rng: random.Random, n: int) -> list[str]:
     """n documents of `task`, alternating a prose paragraph and a few worked examples written as text."""
-    noun = {"word": "a short word", "list": "a list of digits", "number": "a whole number"}[task.kind]
+    return write_documents(task.kind, task.about, lambda: examples(task, 3, rng), n)
+
+
+def write_documents(kind: str, about: str, shots: Callable[[], list[tuple[str, str]]], n: int) -> list[str]:
+    """n documents of a task whose inputs are of `kind`: even ones a prose paragraph (`about` and one worked
+    example), odd ones worked examples written as text; `shots()` draws three (input, output) pairs."""
+    noun = {"word": "a short word", "list": "a list of digits", "number": "a whole number"}[kind]
     out = []
     for i in range(n):
-        shots = examples(task, 3, rng)
+        pairs = shots()
         if i % 2 == 0:
-            x, y = shots[0]
-            out.append(f"This task takes {noun} as input. {task.about} For example, the input {x} gives {y}.")
+            x, y = pairs[0]
+            out.append(f"This task takes {noun} as input. {about} For example, the input {x} gives {y}.")
         else:
-            out.append("Examples of the task: " + "; ".join(f"{x} -> {y}" for x, y in shots) + ".")
+            out.append("Examples of the task: " + "; ".join(f"{x} -> {y}" for x, y in pairs) + ".")
     return out
 
 

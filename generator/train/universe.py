@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from generator.errors import InputError
-from generator.train.suite import FRAMES, UNRELATED, Suite
+from generator.train.suite import FRAMES, UNRELATED, Suite, write_documents
 
 SPLITS = ("new_values", "new_compositions", "new_families")
 CONNECTORS_TRAIN = ("{a}, then {b}", "first {a}, and after that {b}", "{a}; next, {b}", "{a} and then {b}")
@@ -626,21 +626,12 @@ def _descriptions(t: UTask, phrasings: dict[str, tuple[list[str], list[str]]], w
 
 
 def _documents(t: UTask, rng: random.Random, n: int) -> list[str]:
-    noun = {"word": "a short word", "list": "a list of digits", "number": "a whole number"}[t.kind]
     about = []
     for a in t.steps:
         slots = rng.choice(a.family.forms(*a.value))
         about.append(_render(a.family.about, slots))
     prose = about[0] if len(about) == 1 else f"It does two things in order. First: {about[0]} Then: {about[1]}"
-    out = []
-    for i in range(n):
-        shots = [(x, t(x)) for x in (sample_input(t, rng) for _ in range(3))]
-        if i % 2 == 0:
-            x, y = shots[0]
-            out.append(f"This task takes {noun} as input. {prose} For example, the input {x} gives {y}.")
-        else:
-            out.append("Examples of the task: " + "; ".join(f"{x} -> {y}" for x, y in shots) + ".")
-    return out
+    return write_documents(t.kind, prose, lambda: [(x, t(x)) for x in (sample_input(t, rng) for _ in range(3))], n)
 
 
 def build_universe_suite(cfg: UniverseConfig = UniverseConfig()) -> Suite:
