@@ -269,17 +269,20 @@ def test_scaling_study_trains_nested_subsets_and_reports_every_split(mini_bundle
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        code = main(["train", "scaling", "--bundle", str(out), "--sizes", "4,all", "--steps", "6", "--examples", "3",
+        code = main(["train", "scaling", "--bundle", str(out), "--sizes", "4,2", "--steps", "6", "--examples", "3",
                      "--out", str(tmp_path / "sc"), "--quiet"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
     result = json.loads((tmp_path / "sc" / "scaling.json").read_text())
     n_all = len(suite.seen)
-    assert set(result["sizes"]) == {"4", str(n_all)}
-    small = json.loads((tmp_path / "sc" / "sft-4" / "train_log.json").read_text())["tasks"]
-    every = json.loads((tmp_path / "sc" / f"sft-{n_all}" / "train_log.json").read_text())["tasks"]
-    assert len(small) == 4 and set(small) < set(every) and set(every) == set(suite.seen)  # nested; never held out
+    assert set(result["sizes"]) == {"2", "4"}
+    small = json.loads((tmp_path / "sc" / "sft-2" / "train_log.json").read_text())["tasks"]
+    larger = json.loads((tmp_path / "sc" / "sft-4" / "train_log.json").read_text())["tasks"]
+    assert len(small) == 2 and len(larger) == 4 and set(small) < set(larger) <= set(suite.seen)  # nested; never held out
+    from generator.eval.scaling import parse_sizes, subsets
+
+    assert parse_sizes("4,all,2,4", n_all) == [2, 4, n_all] and subsets(suite.seen, [n_all], 0)[n_all] == sorted(suite.seen)
     for scores in result["sizes"].values():
         assert set(scores) == {"seen", *SPLITS}
         assert all(scores[s]["total"] == 3 * len(suite.evaluated()[s]) for s in scores)
