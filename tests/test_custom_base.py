@@ -294,7 +294,7 @@ def test_sft_conditions_only_on_the_training_table(bases, checkpoints):
         table = json.loads((checkpoints[family] / "train_log.json").read_text())["table"]
         assert table == {"texts": len(training), "sha256": texts_digest(training)}
         assert table["sha256"] != texts_digest(everything)
-    built = EmbeddingTable.for_training(EncoderSpec(), suite)
+    built = EmbeddingTable(EncoderSpec(), suite.training_texts())
     assert set(built.index) == training and built.digest == texts_digest(training)
     with pytest.raises(KeyError, match="not in this embedding table"):
         built([sorted(evaluation)[0]])
@@ -350,14 +350,14 @@ def test_sft_on_a_custom_base_resumes_exactly(bases, tmp_path):
     the weights of a run that never stopped."""
     from safetensors.torch import load_file
 
-    from generator.train.conditioning import EmbeddingTable, hyper_config
+    from generator.train.conditioning import hyper_config, training_table
     from generator.train.loop import STATE, LoopConfig
     from generator.train.lora import LoraSettings
     from generator.train.sft import train_sft
 
     suite = _suite(bases)
     config = hyper_config(bases["qwen"], lora=LoraSettings(("q_proj", "v_proj"), 4, 8), latent=16, head_in=32)
-    table = EmbeddingTable.for_training(config.encoder, suite)
+    table = training_table(config, suite)
     cfg = LoopConfig(steps=40, lr=1e-2, warmup=2, ckpt_every=2, log_every=2, progress=False)
 
     def run(out: Path) -> dict:

@@ -111,8 +111,11 @@ class Evaluator:
         texts = [*(d for t in self.evaluated_tasks for d in (*s.eval_descriptions[t], *s.eval_documents[t])),
                  *(d for t in self.library_seen for d in s.train_descriptions[t]), *s.unrelated]
         self.table = EmbeddingTable(c.encoder, texts)  # pooled: what nearest_seen_task compares
-        # what each checkpoint is conditioned through: token states for one with a token reader, else self.table
-        self._tables = {id(ck): self.table if ck.config.reader is None else table_for(ck.config, texts)
+        # what each checkpoint is conditioned through: token states for one with a token reader (encoded once
+        # per reader spec), else self.table
+        token_tables = {(ck.config.encoder, ck.config.reader): table_for(ck.config, texts) for ck in (self.sft, self.recon)
+                        if ck is not None and ck.config.reader is not None}
+        self._tables = {id(ck): self.table if ck.config.reader is None else token_tables[(ck.config.encoder, ck.config.reader)]
                         for ck in (self.sft, self.recon) if ck is not None}
         longest = max(len(canonical(y)) for t in self.evaluated_tasks for _, y in self.suite.eval_examples[t])
         self.max_new = longest + 2  # one token per data character, then the newline

@@ -168,7 +168,7 @@ def _suite(path: str, seed: int = 0):
             d = None  # not one JSON document: read it as JSONL, whose errors name the line
         if isinstance(d, dict) and "train_examples" in d:
             try:
-                return Suite.load(p)
+                return Suite.from_dict(d)
             except (ValueError, TypeError, KeyError, AttributeError) as e:
                 raise InputError(f"{path} is not a valid suite file ({type(e).__name__}: {e})") from None
     return suite_from_tasks(load_tasks(p), seed)
@@ -325,7 +325,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _scaling(args: argparse.Namespace) -> int:
     from generator.errors import InputError
-    from generator.eval.scaling import parse_sizes, run_scaling
+    from generator.eval.scaling import markdown, parse_sizes, run_scaling
     from generator.train.loop import LoopConfig
     from generator.train.suite import Suite
 
@@ -340,8 +340,6 @@ def _scaling(args: argparse.Namespace) -> int:
                + (" --reader" if reader else ""))
     result = run_scaling(bundle, args.out, sizes, cfg, seed=args.seed, n_examples=args.examples, command=command,
                          reader=reader)
-    from generator.eval.scaling import markdown
-
     print(markdown(result))
     print(f"wrote {args.out}: scaling.md, scaling.json, scaling.png")
     return 0

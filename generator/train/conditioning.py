@@ -2,13 +2,14 @@
 modules, the LoRA settings, the base model id adapters name), and the task embeddings of texts, encoded
 once by the checkpoint's encoder.
 
-A training table holds only the texts training may show the hypernetwork (`Suite.training_texts()`: the
-seen tasks' training descriptions and documents), so an evaluation phrasing or a held-out task's text
-cannot even be looked up while training; evaluation builds the full table (`EmbeddingTable.for_suite`).
+A training table (`training_table(config, suite)`) holds only the texts training may show the hypernetwork
+(`Suite.training_texts()`: the seen tasks' training descriptions and documents), so an evaluation phrasing
+or a held-out task's text cannot even be looked up while training; evaluation builds a table of the texts
+it conditions on.
 
 A checkpoint with a token reader (`HyperConfig.reader`) is conditioned on token states, not on one pooled
 embedding: its table is a `TokenTable`, with the same lookup interface (`table(texts)`, `index`, `digest`,
-`for_training`, `for_suite`), that returns `TokenStates` (B, T, E) + mask and stores every text's states
+`adapters`), that returns `TokenStates` (B, T, E) + mask and stores every text's states
 packed in float16 (half the memory; ~30k universe texts of ~25 tokens at E=384 take about 0.6 GB).
 `training_table(config, suite)` builds whichever kind `config` needs, and `table.adapters(net, texts)`
 runs a hypernetwork on what the table holds, so training code needs no branch of its own.
@@ -109,16 +110,6 @@ class EmbeddingTable:
         """sha256 of the table's texts (what a training log records): `texts_digest` of the same set."""
         return texts_digest(self.index)
 
-    @classmethod
-    def for_training(cls, spec: EncoderSpec, suite: Suite) -> EmbeddingTable:
-        """Only what training may condition on: `suite.training_texts()`."""
-        return cls(spec, suite.training_texts())
-
-    @classmethod
-    def for_suite(cls, spec: EncoderSpec, suite: Suite) -> EmbeddingTable:
-        """Every description and document of the suite, and its unrelated controls: evaluation's table."""
-        return cls(spec, suite_texts(suite))
-
 
 def _missing(index: dict[str, int], texts: list[str]) -> None:
     missing = [t for t in texts if t not in index]
@@ -163,16 +154,6 @@ class TokenTable:
         """sha256 of the table's texts (what a training log records): `texts_digest` of the same set."""
         return texts_digest(self.index)
 
-    @classmethod
-    def for_training(cls, spec: EncoderSpec, reader: ReaderSpec, suite: Suite) -> TokenTable:
-        """Only what training may condition on: `suite.training_texts()`."""
-        return cls(spec, reader, suite.training_texts())
-
-    @classmethod
-    def for_suite(cls, spec: EncoderSpec, reader: ReaderSpec, suite: Suite) -> TokenTable:
-        """Every description and document of the suite, and its unrelated controls: evaluation's table."""
-        return cls(spec, reader, suite_texts(suite))
-
 
 Table = EmbeddingTable | TokenTable
 
@@ -194,13 +175,6 @@ def check_table(config: HyperConfig, table: Table) -> None:
                          "suite)), not pooled embeddings")
     if config.reader is None and not isinstance(table, EmbeddingTable):
         raise InputError("this hypernetwork takes pooled embeddings: condition it through an EmbeddingTable, not token states")
-
-
-def suite_texts(suite: Suite) -> list[str]:
-    """Every description and document of the suite, and its unrelated controls."""
-    texts = [t for group in (suite.train_descriptions, suite.eval_descriptions, suite.train_documents,
-                             suite.eval_documents) for v in group.values() for t in v]
-    return texts + list(suite.unrelated)
 
 
 def texts_digest(texts: Iterable[str]) -> str:

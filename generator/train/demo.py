@@ -116,7 +116,7 @@ SMALL_UNIVERSE = ("shift_forward", "take_first", "drop_last", "replace", "wrap",
 def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate: bool = True, progress: bool = True) -> dict:
     from generator.eval.quality import Bundle, run_eval
     from generator.train.basemodel import pretrain_base
-    from generator.train.conditioning import EmbeddingTable, demo_hyper_config
+    from generator.train.conditioning import demo_hyper_config, training_table
     from generator.train.lora import train_library
     from generator.train.recon import train_recon
     from generator.train.sft import train_sft
@@ -147,7 +147,7 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     stage("library", (b.library / "_multitask" / "adapter_model.safetensors").exists(),
           lambda: train_library(b.base, suite, b.library, loop(cfg.lora), loop(cfg.multitask), tasks=library_tasks))
     config = demo_hyper_config(b.base, **cfg.hyper)
-    table = EmbeddingTable.for_training(config.encoder, suite)  # no evaluation text, no held-out task
+    table = training_table(config, suite)  # no evaluation text, no held-out task
     recon_tasks = [t for t in suite.seen if library_tasks is None or t in set(library_tasks)]
     stage("recon", (b.recon / "model.safetensors").exists(),
           lambda: train_recon(config, suite, b.library, b.recon, loop(cfg.recon), table=table, tasks=recon_tasks))

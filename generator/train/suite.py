@@ -313,7 +313,12 @@ class Suite:
 
     @classmethod
     def load(cls, path: str | Path) -> Suite:
-        d = json.loads(Path(path).read_text())
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Suite:
+        """A suite from its parsed JSON (examples come back as tuples)."""
+        d = dict(d)
         for key in ("train_examples", "eval_examples"):
             d[key] = {t: [tuple(p) for p in v] for t, v in d[key].items()}
         return cls(**d)

@@ -529,7 +529,7 @@ def _new_values(rng: random.Random, families: Sequence[Family], share: float) ->
         rng.shuffle(order)
         trained = {a.value for a in atoms}
         for a in order:
-            if len([h for h in held if h.startswith(f.name + "_")]) >= k:
+            if len(atoms) - len(trained) >= k:  # this family's pairs held out so far
                 break
             rest = trained - {a.value}
             if any(v[0] == a.value[0] for v in rest) and any(v[1] == a.value[1] for v in rest):
