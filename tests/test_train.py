@@ -200,6 +200,24 @@ def test_universe_build_trains_oracles_where_needed_and_evaluates_every_split(mi
 
 
 @pytest.mark.slow
+def test_eval_scores_another_sft_checkpoint_in_place_of_the_bundles_own(mini_bundle, tmp_path, capsys):
+    """`loragen eval BUNDLE --sft DIR`: the T2L SFT rows are DIR's. Given the bundle's reconstruction
+    checkpoint, the SFT row is the reconstruction row, answer for answer."""
+    from service.cli import main
+
+    out, _ = mini_bundle
+    assert main(["eval", str(out), "--sft", str(out / "t2l-recon"), "--examples", "2", "--out", str(tmp_path / "ev")]) == 0
+    capsys.readouterr()
+    quality = json.loads((tmp_path / "ev" / "quality.json").read_text())
+    assert quality["sft"] == str(out / "t2l-recon")
+    assert quality["rows"]["T2L SFT"] == quality["rows"]["T2L reconstruction"]
+    own = json.loads((out / "eval" / "quality.json").read_text())
+    assert "sft" not in own
+    assert main(["eval", str(out), "--sft", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "no native checkpoint there" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_trained_hypernetwork_beats_the_untrained_one_on_a_seen_task(mini_bundle):
     """Adapters from the trained T2L give a lower completion loss on a seen task (described in unseen
     words) than those of the same hypernetwork before training."""

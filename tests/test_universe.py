@@ -164,6 +164,24 @@ def test_no_training_text_is_an_evaluation_text_or_uses_an_evaluation_phrasing(s
     assert all(c not in CONNECTORS_EVAL for c in CONNECTORS_TRAIN)
 
 
+def test_the_base_model_reads_task_programs_which_no_hypernetwork_text_contains(suite):
+    """The base model is told each task, held-out ones included, by its program (its steps' names spelled
+    out); programs are the base model's prompt only: no text a hypernetwork trains on is one, and a
+    program says exactly which steps, in which order, with which values."""
+    from generator.train.universe import task_fn
+
+    programs = {t: suite.base_instructions(t) for t in suite.tasks}
+    assert all(len(p) == 1 for p in programs.values())
+    assert len({p[0] for p in programs.values()}) == len(suite.tasks)  # one program per task, all distinct
+    assert programs["shift_forward_3.then.append_z"] == ["shift forward 3 then append z"]
+    assert programs["replace_a_q"] == ["replace a q"] and programs["reverse"] == ["reverse"]
+    for t in suite.held_out[:50]:  # the base is told held-out tasks too, in programs of seen steps' words
+        assert programs[t][0] == " then ".join(part.replace("_", " ") for part in t.split(".then."))
+        assert task_fn(t).program == programs[t][0]
+    assert not {p[0] for p in programs.values()} & suite.training_texts()
+    assert not any(p[0] in suite.train_descriptions[t] for t, p in programs.items())
+
+
 def test_the_universe_is_fixed_by_its_seed(tmp_path, suite):
     from generator.train.suite import Suite
 
@@ -171,6 +189,7 @@ def test_the_universe_is_fixed_by_its_seed(tmp_path, suite):
     suite.save(a)
     loaded = Suite.load(a)
     assert loaded.splits == suite.splits and loaded.eval_tasks == suite.eval_tasks
+    assert loaded.instructions == suite.instructions
     assert loaded.train_examples == suite.train_examples
     # a second build from the same seed writes the same bytes; another seed draws other splits (a smaller
     # universe of a few families: the same code, a fraction of the time)

@@ -158,10 +158,7 @@ class Evaluator:
 
         rows: dict[str, RowFn] = {
             "base model, no instruction": lambda task, ex: ([prompt(x) for x, _ in ex], None),
-            "base model, instruction in prompt": lambda task, ex: (
-                [prompt(x, d) for (x, _), d in zip(ex, cycle(s.eval_descriptions[task], len(ex)), strict=True)], None),
-            "base model, instruction in prompt (training descriptions)": lambda task, ex: (
-                [prompt(x, d) for (x, _), d in zip(ex, cycle(s.train_descriptions[task], len(ex)), strict=True)], None),
+            **self.instruction_rows(cycle),
             "multi-task LoRA": lambda task, ex: ([prompt(x) for x, _ in ex], per_example(self.library(MULTITASK), len(ex))),
             "oracle LoRA (per task)": lambda task, ex: ([prompt(x) for x, _ in ex], per_example(self.library(task), len(ex))),
         }
@@ -179,6 +176,21 @@ class Evaluator:
 
         rows["nearest training adapter (by description)"] = nearest
         return rows
+
+    def instruction_rows(self, cycle) -> dict[str, RowFn]:
+        """The base model told the task in its prompt: the ceiling adapters are measured against. A suite
+        whose base reads task programs (`Suite.instructions`) has one such row; otherwise the base read the
+        training descriptions, and a row with evaluation descriptions shows how far its reading carries."""
+        s = self.suite
+
+        def told(texts_of: Callable[[str], Sequence[str]]) -> RowFn:
+            return lambda task, ex: ([prompt(x, d) for (x, _), d in zip(ex, cycle(texts_of(task), len(ex)), strict=True)],
+                                     None)
+
+        if s.instructions:
+            return {"base model, task program in prompt": told(s.base_instructions)}
+        return {"base model, instruction in prompt": told(lambda task: s.eval_descriptions[task]),
+                "base model, instruction in prompt (training descriptions)": told(lambda task: s.train_descriptions[task])}
 
     def score(self, fn: RowFn, task: str) -> tuple[Score, list[str]]:
         ex = self.suite.eval_examples[task][: self.n_examples]
@@ -442,16 +454,18 @@ def _answer(fn: Callable[[str], str], x: str) -> str | None:
         return None
 
 
-def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_examples: int | None = None) -> dict:
-    """Evaluate a bundle; write quality.json, quality.md and adapters.png into out_dir (default <bundle>/eval)."""
+def run_eval(bundle_dir: str | Path, out_dir: str | Path | None = None, *, n_examples: int | None = None,
+             sft: str | Path | None = None) -> dict:
+    """Evaluate a bundle (with the T2L SFT checkpoint `sft` in place of its own, if given); write quality.json,
+    quality.md and adapters.png into out_dir (default <bundle>/eval)."""
     bundle = Bundle(Path(bundle_dir))
     out = Path(out_dir) if out_dir else bundle.root / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    ev = Evaluator(bundle, n_examples)
+    ev = Evaluator(bundle, n_examples, sft=sft)
     rows = ev.evaluate()
     result = {"suite_seed": ev.suite.seed, "tasks": len(ev.suite.tasks), "held_out": ev.suite.held_out,
               "evaluated": ev.splits, "rows": rows, "targets": targets(rows), "held_out_imitation": ev.imitation(),
-              "geometry": ev.geometry()}
+              "geometry": ev.geometry(), **({"sft": str(sft)} if sft is not None else {})}
     (out / "quality.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / "quality.md").write_text(markdown(result))
     ev.plot(out / "adapters.png")

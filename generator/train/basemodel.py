@@ -150,13 +150,15 @@ def _first_line(e: BaseException) -> str:
 def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_size: int = 32, pack: int = 3,
                   hidden: int = 128, layers: int = 4, heads: int = 4, intermediate: int = 384) -> dict:
     """Pretrain a fresh tiny Llama on instruction-prefixed examples of every task (seen and held out),
-    using training descriptions only; save it with its tokenizer in Hugging Face format."""
+    each prefixed by one of the task's base instructions (`Suite.base_instructions`: the suite's training
+    descriptions, or a universe's task programs), never an evaluation text; save it with its tokenizer in
+    Hugging Face format."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Writing model shards" bars for a 4 MB model are noise
     out = Path(out_dir)
-    tokenizer = build_tokenizer(d for texts in suite.train_descriptions.values() for d in texts)
+    tokenizer = build_tokenizer(d for task in suite.tasks for d in suite.base_instructions(task))
     codec = Codec(tokenizer)
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(base_config(len(tokenizer), hidden, layers, heads, intermediate))
@@ -166,7 +168,7 @@ def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_s
         for _ in range(batch_size):
             task = rng.choice(suite.tasks)
             pairs = [rng.choice(suite.train_examples[task]) for _ in range(pack)]
-            seqs.append(codec.sequence(pairs, rng.choice(suite.train_descriptions[task])))
+            seqs.append(codec.sequence(pairs, rng.choice(suite.base_instructions(task))))
         return completion_loss(model, *collate(seqs))
 
     log = train_loop(model, loss_at, cfg, out, name=PRETRAINING,

@@ -124,6 +124,7 @@ def add_parsers(sub) -> None:
                    help="build on the task universe (500+ tasks, three held-out splits) instead of the 34-task suite")
     d.add_argument("--no-eval", action="store_true")
     d.add_argument("--quiet", action="store_true")
+    reader_args(d)
 
     sc = stages.add_parser("scaling", help="the scaling study: T2L SFT trained on 32, 128, ... tasks of a bundle, "
                                            "each evaluated on every split (table and plot)")
@@ -140,6 +141,8 @@ def add_parsers(sub) -> None:
     e.add_argument("bundle", nargs="?", default=str(DEMO_BUNDLE), metavar="BUNDLE", help=f"default: {DEMO_BUNDLE}")
     e.add_argument("--out", metavar="DIR", help="default: BUNDLE/eval")
     e.add_argument("--examples", type=int, help="evaluation examples per task (default: all in the suite)")
+    e.add_argument("--sft", metavar="DIR", help="evaluate this T2L SFT checkpoint (trained for the bundle's base model) "
+                                               "in place of the bundle's own t2l-sft/")
 
 
 def _loop(args: argparse.Namespace):
@@ -269,6 +272,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg = DemoConfig.scaled_down_universe(args.seed) if args.scaled_down else DemoConfig.universe_build(args.seed)
         else:
             cfg = DemoConfig.scaled_down(args.seed) if args.scaled_down else DemoConfig().with_seed(args.seed)
+        reader = _reader_spec(args)
+        if reader is not None:
+            cfg = replace(cfg, reader=reader)
         result = build_demo(args.out, cfg, evaluate=not args.no_eval, progress=not args.quiet)
         print(f"built {args.out} in {result['build']['total_seconds']} s (stages: {result['build']['stage_seconds']})")
         if result["eval"]:
@@ -363,7 +369,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     bundle = _bundle(args.bundle)
     if args.examples is not None and args.examples < 1:
         raise InputError("--examples must be positive")
-    result = run_eval(bundle, args.out, n_examples=args.examples)
+    if args.sft is not None and not (Path(args.sft) / "config.json").is_file():
+        raise InputError(f"--sft {args.sft}: no native checkpoint there (config.json); give a directory written by "
+                         "`loragen train sft`")
+    result = run_eval(bundle, args.out, n_examples=args.examples, sft=args.sft)
     print(markdown(result))
     print(f"wrote {Path(args.out) if args.out else bundle / 'eval'}: quality.md, quality.json, adapters.png")
     return 0

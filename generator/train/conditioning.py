@@ -78,9 +78,10 @@ def hyper_config(base_dir: str | Path, *, lora: LoraSettings = DEFAULT_LORA, bas
 
 
 def demo_hyper_config(base_dir: str | Path, *, variant: str = "L", latent: int = 64, head_in: int = 128,
-                      encoder: EncoderSpec | None = None) -> HyperConfig:
+                      encoder: EncoderSpec | None = None, reader: ReaderSpec | None = None) -> HyperConfig:
     """The demo bundle's HyperConfig: default LoRA settings, adapters named for the demo base."""
-    return hyper_config(base_dir, base_model=DEMO_BASE_ID, variant=variant, latent=latent, head_in=head_in, encoder=encoder)
+    return hyper_config(base_dir, base_model=DEMO_BASE_ID, variant=variant, latent=latent, head_in=head_in, encoder=encoder,
+                        reader=reader)
 
 
 class EmbeddingTable:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from generator.config import ReaderSpec
 from generator.train.loop import LoopConfig
 from generator.train.suite import Suite, build_suite
 from generator.train.universe import UniverseConfig, build_universe_suite
@@ -48,6 +49,7 @@ class DemoConfig:
     recon: LoopConfig = LoopConfig(steps=1500, lr=1e-3, warmup=50, ckpt_every=500, log_every=25)
     sft: LoopConfig = LoopConfig(steps=1200, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
     hyper: dict = field(default_factory=lambda: {"latent": 64, "head_in": 128})
+    reader: ReaderSpec | None = None  # the hypernetworks read token states through this reader; None: pooled
     universe: UniverseConfig | None = None  # None: the demo suite; else the task universe of this config
     n_recon_library: int = 32  # universe only: seen tasks with an oracle for reconstruction to learn from
 
@@ -65,12 +67,17 @@ class DemoConfig:
 
     @classmethod
     def universe_build(cls, seed: int = 0) -> DemoConfig:
-        """The full build on the task universe. The base model sees one example per sequence, so every
-        completion depends on the instruction (packed examples let it copy the task from earlier pairs)."""
+        """The full build on the task universe. The base model reads each task's program and sees one
+        example per sequence, so every completion depends on the program (packed examples would let it copy
+        the task from earlier pairs). Evaluated tasks and a small sample of seen ones get an oracle. The
+        hypernetworks read pooled embeddings: with the same steps, token-reader SFT learned far less
+        (docs/training.md)."""
         from dataclasses import replace
 
-        base = LoopConfig(steps=3000, lr=3e-3, warmup=100, ckpt_every=250, log_every=25)
-        return replace(cls(), universe=UniverseConfig(), n_train_examples=200, base=base,
+        base = LoopConfig(steps=6000, lr=3e-3, warmup=100, ckpt_every=250, log_every=25)
+        sft = LoopConfig(steps=2400, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
+        return replace(cls(), universe=UniverseConfig(), n_train_examples=200, base=base, sft=sft, n_recon_library=16,
+                       lora=LoopConfig(steps=60, lr=5e-3, warmup=10, ckpt_every=0, log_every=10),
                        base_size={"hidden": 160, "layers": 4, "heads": 5, "intermediate": 480,
                                   "batch_size": 64, "pack": 1}).with_seed(seed)
 
@@ -146,7 +153,7 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     library_tasks = cfg.library_tasks(suite)
     stage("library", (b.library / "_multitask" / "adapter_model.safetensors").exists(),
           lambda: train_library(b.base, suite, b.library, loop(cfg.lora), loop(cfg.multitask), tasks=library_tasks))
-    config = demo_hyper_config(b.base, **cfg.hyper)
+    config = demo_hyper_config(b.base, **cfg.hyper, reader=cfg.reader)
     table = training_table(config, suite)  # no evaluation text, no held-out task
     recon_tasks = [t for t in suite.seen if library_tasks is None or t in set(library_tasks)]
     stage("recon", (b.recon / "model.safetensors").exists(),
@@ -162,7 +169,8 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     build = {"config": asdict(cfg), "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
              "torch": torch.__version__,
              "threads": torch.get_num_threads(),
-             "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}{' --universe' if cfg.universe else ''}"}
+             "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}{' --universe' if cfg.universe else ''}"
+                        f"{' --reader' if cfg.reader else ''}"}
     build_file.write_text(json.dumps(build, indent=1) + "\n")
     return {"build": build, "eval": result}
 

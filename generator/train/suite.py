@@ -263,6 +263,9 @@ class Suite:
     eval_tasks: dict[str, list[str]] = field(default_factory=dict)
     # per task, what it is made of (a universe's family and parameters); informative only
     meta: dict[str, dict] = field(default_factory=dict)
+    # per task, the instructions the base model is pretrained with (a universe's task program in words, e.g.
+    # "reverse then wrap brackets"); empty: its training descriptions. Never a hypernetwork's input.
+    instructions: dict[str, list[str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.splits and sorted(t for ts in self.splits.values() for t in ts) != sorted(self.held_out):
@@ -276,6 +279,11 @@ class Suite:
     @property
     def held_out_splits(self) -> dict[str, list[str]]:
         return self.splits or ({"held_out": list(self.held_out)} if self.held_out else {})
+
+    def base_instructions(self, task: str) -> list[str]:
+        """What the base model reads in its prompt for `task`, in pretraining and in the "instruction in
+        prompt" evaluation rows."""
+        return self.instructions.get(task) or self.train_descriptions[task]
 
     def evaluated(self) -> dict[str, list[str]]:
         """split → the tasks evaluation scores: "seen" first, then each held-out split."""
@@ -298,7 +306,7 @@ class Suite:
         return Suite(self.seed, tasks, list(self.held_out), only(self.train_descriptions), only(self.eval_descriptions),
                      only(self.train_documents), only(self.eval_documents), only(self.train_examples),
                      only(self.eval_examples), list(self.unrelated), dict(self.splits),
-                     {s: ts for s, ts in eval_tasks.items() if ts}, only(self.meta))
+                     {s: ts for s, ts in eval_tasks.items() if ts}, only(self.meta), only(self.instructions))
 
     def training_texts(self) -> set[str]:
         """Every text a hypernetwork may be conditioned on in training: the seen tasks' training
@@ -307,7 +315,8 @@ class Suite:
                 for t in group.get(task, ())}
 
     def save(self, path: str | Path) -> None:
-        optional = ("splits", "eval_tasks", "meta")  # written only when set: a plain suite's file is unchanged
+        # written only when set: a plain suite's file is unchanged
+        optional = ("splits", "eval_tasks", "meta", "instructions")
         d = {k: v for k, v in self.__dict__.items() if k not in optional or v}
         Path(path).write_text(json.dumps(d, indent=1) + "\n")
 

@@ -13,7 +13,9 @@ several forms (three / 3; "a" / a; a dash / "-"), and each phrasing in several f
 training and evaluation.
 
 Held-out splits, fixed by the seed, never shown to a hypernetwork in training (the base model learns every
-task, held-out ones included, with the instruction in its prompt):
+task, held-out ones included, told by the task's *program* in its prompt: its steps' names spelled out,
+"shift forward 3 then append z", so that it can do any task when told; free-form descriptions are the
+hypernetwork's input only):
     new_values        new parameter values of seen families ("replace a with q" where a→q was never
                       trained but other pairs with a and with q were; "shift 3" where 1, 2, 4, 5 were)
     new_compositions  compositions of seen operations whose pair of families was never trained together
@@ -388,6 +390,12 @@ class UTask:
         return ".then.".join(a.name for a in self.steps)
 
     @property
+    def program(self) -> str:
+        """The task in the base model's words: its steps' names, spelled out ("reverse then wrap brackets").
+        The base model is pretrained on these, so it can do every task, held-out ones included, when told."""
+        return " then ".join(a.name.replace("_", " ") for a in self.steps)
+
+    @property
     def kind(self) -> str:
         return self.steps[0].family.kind
 
@@ -664,7 +672,8 @@ def build_universe_suite(cfg: UniverseConfig = UniverseConfig()) -> Suite:
     for s in SPLITS:
         eval_tasks[s] = sorted(pick.sample(splits[s], min(cfg.eval_tasks_per_split, len(splits[s]))))
     return Suite(cfg.seed, [t.name for t in tasks], held, train_d, eval_d, train_doc, eval_doc, train_x, eval_x,
-                 list(UNRELATED), splits=splits, eval_tasks=eval_tasks, meta=meta)
+                 list(UNRELATED), splits=splits, eval_tasks=eval_tasks, meta=meta,
+                 instructions={t.name: [t.program] for t in tasks})
 
 
 def task_fn(name: str) -> Callable[[str], str]:
