@@ -112,6 +112,17 @@ class AdapterService:
             log.info("cache reachable again")
         self.cache_ok = True
 
+    async def size(self, adapter_id: str) -> int | None:
+        """The stored size of a cached adapter, without reading it; None when it is not cached. 503 while the
+        cache is unreachable (absence cannot be told from an outage)."""
+        try:
+            size = await self.cache.size(adapter_id)
+        except CacheUnavailable as e:
+            self._cache_down(e)
+            raise Unavailable("the adapter cache is unreachable; retry shortly", headers={"Retry-After": "2"}) from None
+        self._cache_up()
+        return size
+
     async def get(self, adapter_id: str) -> bytes:
         data = await self.cached(adapter_id)
         if data is None:

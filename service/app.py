@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator import __version__  # light: generator/__init__ imports no torch
-from service.errors import ApiError, PayloadTooLarge, RateLimited, envelope
+from service.errors import ApiError, HeadersTooLarge, PayloadTooLarge, RateLimited, envelope
 from service.logctx import request_id_var, tag_log_lines
 from service.metrics import Metrics
 from service.settings import Settings
@@ -184,7 +184,7 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     app.include_router(adapters.router)
     app.include_router(ops.router)
     app.add_middleware(Gate, metrics=metrics, key_hashes=key_hashes, open_paths=open_paths)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes)
     app.add_middleware(RequestId)  # outermost: every response, even a 413 from BodyLimit, carries an id
     return app
 
@@ -209,7 +209,7 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         request_id_var.set(rid)  # not reset: uvicorn logs an app's crash after the app returns, in this task
 
@@ -282,14 +282,20 @@ class Gate:
 
 
 class BodyLimit:
-    """Refuse bodies over `max_bytes` with 413: at once from Content-Length, else while they stream in."""
+    """Refuse headers over `max_header_bytes` in all with 431, and bodies over `max_bytes` with 413: at once
+    from Content-Length, else while they stream in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, max_header_bytes: int = 16 * 1024):
+        self.app, self.max_bytes, self.max_header_bytes = app, max_bytes, max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        header_bytes = sum(len(k) + len(v) for k, v in scope["headers"])
+        if header_bytes > self.max_header_bytes:
+            response = envelope(431, HeadersTooLarge.type, f"request headers of {header_bytes} bytes, over the "
+                                f"{self.max_header_bytes}-byte limit", scope.get("state", {}).get("request_id"))
+            return await response(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
             response = envelope(413, PayloadTooLarge.type, f"request body over {self.max_bytes} bytes",

@@ -29,6 +29,10 @@ class PayloadTooLarge(ApiError):
     status, type = 413, "payload_too_large"
 
 
+class HeadersTooLarge(ApiError):
+    status, type = 431, "headers_too_large"
+
+
 class Unauthorized(ApiError):
     status, type = 401, "unauthorized"
 

@@ -44,12 +44,13 @@ class Settings(BaseSettings):
     cache_prefix: str = "loragen:"
     cache_ttl_s: int = Field(7 * 86400, ge=1)
     # the in-process cache: without Redis the whole cache; with it, a near cache of hot entries in front of
-    # Redis (0: none), so a hot adapter is answered without a Redis round trip (README.md, Performance)
+    # Redis (0: none), so a hot adapter is answered without a Redis round trip (docs/performance.md)
     memory_cache_bytes: int = Field(512 * MiB, ge=0)
     redis_timeout_s: float = Field(2.0, gt=0)
 
     max_text_chars: int = Field(200_000, ge=1)  # a task description or a document
     max_body_bytes: int = Field(4 * MiB, ge=1024)  # refused with 413 before the body is read whole
+    max_header_bytes: int = Field(16 * 1024, ge=1024)  # all request header names and values together; past it, 431
     max_batch: int = Field(64, ge=1)  # inputs in one POST /v1/adapters/batch
     max_batch_size: int = Field(16, ge=1)  # inputs per forward pass of a worker
     max_wait_ms: float = Field(5.0, ge=0)  # how long a worker waits for a batch to fill after its first job

@@ -123,3 +123,34 @@ def test_near_cache_answers_hot_adapters_without_redis(ckpt_dir, redis_server, r
     finally:
         near.stop()
         other.stop()
+
+
+def test_the_edge_ids_in_full_conditional_gets_head_from_the_stored_size_bounded_headers(replicas, redis_server,
+                                                                                        redis_prefix):
+    c = httpx.Client(base_url=replicas[0].url, timeout=60)
+    good = c.post("/generate", json={"task": "at the edge"})
+    adapter_id = good.headers["x-adapter-id"]
+    # an id is matched in full: a trailing newline (%0A) is an unknown id, not a 500
+    for method in ("GET", "HEAD"):
+        r = c.request(method, f"/v1/adapters/{adapter_id}%0A")
+        assert r.status_code == 404, (method, r.status_code, r.text)
+    assert_error(c.get(f"/v1/adapters/{adapter_id}%0A"), 404, "not_found")
+    # If-None-Match: * is "any current representation": 304 for a cached adapter, the plain 404 otherwise
+    star = c.get(f"/v1/adapters/{adapter_id}", headers={"If-None-Match": "*"})
+    assert star.status_code == 304 and star.headers["etag"] == f'"{adapter_id}"' and star.content == b""
+    assert c.get(f"/v1/adapters/{'0' * 64}", headers={"If-None-Match": "*"}).status_code == 404
+    # HEAD answers from the stored size: with the entry's tensor bytes damaged it still reports the size
+    # (GET reads and checks them: the damage is found and the entry dropped)
+    r = redis_server.client()
+    key = f"{redis_prefix}adapter:{adapter_id}"
+    stored = r.get(key)
+    r.setrange(key, len(stored) - 10, b"\x00\x01\x02")
+    head = c.head(f"/v1/adapters/{adapter_id}")
+    assert head.status_code == 200 and head.headers["content-length"] == str(len(good.content))
+    assert head.headers["etag"] == f'"{adapter_id}"' and r.exists(key)
+    assert_error(c.get(f"/v1/adapters/{adapter_id}"), 404, "not_found")
+    assert c.head(f"/v1/adapters/{adapter_id}").status_code == 404
+    # request headers are bounded: past LORAGEN_MAX_HEADER_BYTES (16 KiB by default), 431 in the envelope
+    big = c.get("/health", headers={f"x-filler-{i}": "x" * 1000 for i in range(20)})
+    assert_error(big, 431, "headers_too_large")
+    assert c.get("/health", headers={"x-filler": "x" * 1000}).status_code == 200

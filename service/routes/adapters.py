@@ -130,14 +130,7 @@ def adapter_response(result: Result, fmt: str, *, head: bool = False) -> Respons
         config = adapter_config_json(json.loads(read_safetensors_metadata(data)["adapter_config"]))
         length, name, etag = tar_size(len(config), len(data)), f"{result.adapter_id}.tar", f'"{result.adapter_id}-tar"'
         body = iter_tar_of_file(data, prefix=result.adapter_id)
-    headers = {
-        "Content-Length": str(length),
-        "ETag": etag,
-        "X-Adapter-Id": result.adapter_id,
-        "X-Cache": "hit" if result.hit else "miss",
-        "Content-Disposition": f'attachment; filename="{name}"',
-        "Cache-Control": "public, max-age=31536000, immutable",  # content-addressed: never changes
-    }
+    headers = _headers(result.adapter_id, length, name, etag, result.hit)
     if head:
         return Response(b"", headers=headers, media_type="application/octet-stream")
     if body is None:
@@ -146,6 +139,25 @@ def adapter_response(result: Result, fmt: str, *, head: bool = False) -> Respons
         # socket does not take at once, asyncio's transport keeps as data[n:], a copy of ~10 MB for bytes
         return Response(memoryview(data), headers=headers, media_type="application/octet-stream")
     return StreamingResponse(_on_the_loop(body), headers=headers, media_type="application/octet-stream")
+
+
+def adapter_head(adapter_id: str, size: int | None) -> Response:
+    """HEAD of a cached safetensors adapter from its stored size alone."""
+    if size is None:
+        raise NotFound(f"no cached adapter {adapter_id}; POST /v1/adapters to generate it")
+    headers = _headers(adapter_id, size, f"{adapter_id}.safetensors", f'"{adapter_id}"', hit=True)
+    return Response(b"", headers=headers, media_type="application/octet-stream")
+
+
+def _headers(adapter_id: str, length: int, name: str, etag: str, hit: bool) -> dict[str, str]:
+    return {
+        "Content-Length": str(length),
+        "ETag": etag,
+        "X-Adapter-Id": adapter_id,
+        "X-Cache": "hit" if hit else "miss",
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "Cache-Control": "public, max-age=31536000, immutable",  # content-addressed: never changes
+    }
 
 
 async def _on_the_loop(pieces: Iterable[bytes | memoryview]) -> AsyncIterator[bytes | memoryview]:
@@ -197,12 +209,19 @@ router.add_api_route("/v1/adapters", _generate, methods=["POST"], summary="gener
 async def get_adapter(request: Request, adapter_id: str, format: str = "safetensors") -> Response:
     if format not in _FORMATS:
         raise InvalidInput(f"unknown format {format!r}; choose one of {', '.join(_FORMATS)}")
-    if not _ID.match(adapter_id):
+    if not _ID.fullmatch(adapter_id):
         raise NotFound(f"no adapter {adapter_id[:80]!r}: ids are 64 lowercase hex characters")
+    service = _service(request)
     etag = f'"{adapter_id}"' if format == "safetensors" else f'"{adapter_id}-tar"'
-    if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+    tags = [t.strip() for t in request.headers.get("if-none-match", "").split(",")]
+    if etag in tags:
         return Response(status_code=304, headers={"ETag": etag})  # content-addressed: a known tag is current
-    data = await _service(request).get(adapter_id)
+    if "*" in tags and await service.size(adapter_id) is not None:  # any current representation
+        return Response(status_code=304, headers={"ETag": etag})
+    if request.method == "HEAD" and format == "safetensors":  # the stored size says it all: no need to read 14 MB
+        size = await service.size(adapter_id)
+        return adapter_head(adapter_id, size)
+    data = await service.get(adapter_id)
     return adapter_response(Result(adapter_id, data, hit=True), format, head=request.method == "HEAD")
 
 
