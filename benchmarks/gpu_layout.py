@@ -56,15 +56,15 @@ def main(argv: list[str] | None = None) -> int:
             ab = net(x)
             provs = [{}] * b
 
-            def by_adapter():
+            def by_adapter(ab=ab, provs=provs, b=b):  # timed within this iteration
                 ads = [LoraAdapter.from_generated(c, {m: (a[i], bb[i]) for m, (a, bb) in ab.items()}, "float32",
                                                   provs[i]) for i in range(b)]
                 return [a.all_finite() for a in ads]
 
-            def at_once():
+            def at_once(ab=ab, provs=provs):
                 return LoraAdapter.batch_from_generated(c, ab, "float32", provs)
 
-            fwd = timeit(lambda: net(x))
+            fwd = timeit(lambda x=x: net(x))
             t_old, t_new = timeit(by_adapter), timeit(at_once)
         res[f"B={b}"] = {"forward_ms": 1e3 * fwd, "old_ms_per_adapter": 1e3 * t_old / b,
                          "new_ms_per_adapter": 1e3 * t_new / b}

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         server.stop()
         redis.close()
-    print(f"\n| kind | p50 ms | p95 ms | server CPU ms/hit | Redis CPU ms/hit |\n|---|---:|---:|---:|---:|")
+    print("\n| kind | p50 ms | p95 ms | server CPU ms/hit | Redis CPU ms/hit |\n|---|---:|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['p50']:.1f} | {r['p95']:.1f} | {r['server']:.1f} | {r['redis']:.1f} |")
     if rb:

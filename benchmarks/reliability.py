@@ -333,7 +333,7 @@ def machine() -> dict:
     redis_version = "Redis " + redis_version.removeprefix("v=")
     return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "redis": redis_version,
             "git_commit": commit, "worktree_dirty": dirty,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")}
 
 
 def markdown(r: dict) -> str:

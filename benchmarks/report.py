@@ -212,7 +212,8 @@ def markdown(r: dict) -> str:
         if rb:
             lines += ["", f"Cache hits against `redis-benchmark -t set,get -d {h['entry_bytes']}` (GET of the same "
                       "value size on the same Redis):", "",
-                      "| clients, client, hit from | HTTP hit requests/s | redis-benchmark GET/s | HTTP hit p50 ms | GET p50 ms | ratio p50 | "
+                      "| clients, client, hit from | HTTP hit requests/s | redis-benchmark GET/s | HTTP hit p50 ms | GET p50 ms "
+                      "| ratio p50 | "
                       "HTTP hit p99 ms | GET p99 ms |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
             for c, g in rb.items():
                 for key, where in (("hits", "near cache"), ("hits_redis", "from Redis")):

@@ -7,7 +7,7 @@ demo base model, and watch it do the task with no instruction in the prompt.
 
 Inputs are the demo suite's evaluation examples of the task named by --suite-task; the default description
 is in words no model saw in training. (rotate_right is a task held out of hypernetwork training: there the
-demo's adapters fail, as the quality table in README shows for every held-out task.)
+demo's adapters fail, as the quality table in docs/training-and-quality.md shows for every held-out task.)
 """
 
 from __future__ import annotations

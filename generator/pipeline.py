@@ -86,7 +86,7 @@ def _clean(text: str, what: str) -> str:
 def cpu_has_native_bfloat16(cpuinfo: str | None = None) -> bool | None:
     """Whether this CPU (or the given /proc/cpuinfo text) has bfloat16 instructions; None where unknown (no
     /proc/cpuinfo). Without them torch emulates bfloat16 matmuls: the forward at the Mistral dims ran 4.5-5.7x
-    slower than in float32 on an AVX2-only AMD EPYC, and 3.5-3.8x faster on a Zen 4 with AVX512_BF16 (README)."""
+    slower than in float32 on an AVX2-only AMD EPYC, and 3.5-3.8x faster on a Zen 4 with AVX512_BF16 (docs/performance.md)."""
     text = _proc_cpuinfo() if cpuinfo is None else cpuinfo
     flags = {f for line in text.splitlines() if line.partition(":")[0].strip() in ("flags", "Features")
              for f in line.partition(":")[2].split()}

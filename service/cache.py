@@ -22,7 +22,7 @@ the piece size from the header). Header = b"LGA3" magic, 16-byte xxh3-128 of (id
 payload length, 4-byte piece size, big-endian (32 bytes). The digest covers the id, so a whole, self-consistent
 entry filed under another id (a copy, a bug elsewhere) fails its check like a damaged one; xxh3 is a checksum
 against damage, not a signature (whoever can write to Redis can write anything). Pieces because Redis stores
-and sends 1 MiB values several times faster than one ~14 MB value (README.md, Performance). A put writes the
+and sends 1 MiB values several times faster than one ~14 MB value (docs/performance.md). A put writes the
 pieces, then the head, in one pipeline on one connection, all with the TTL: a reader that finds a head finds
 its pieces, unless Redis evicted one since (allkeys-lru evicts keys one by one); such an incomplete entry
 reads as a miss and is cleared, a damaged one as corrupt. Single-flight locks live at `{prefix}lock:{id}`.
@@ -349,7 +349,7 @@ class RedisCache(AdapterCache):
             # (from_url's own default is no retry at all; the plain constructor's is 10.)
             retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1, supported_errors=(RedisConnectionError,)),
             # entries are ~14 MB: read them in 1 MiB pieces, not redis-py's 64 KiB (with hiredis, a GET of 13.65 MB
-            # measured 24 ms instead of 50 ms on the benchmark machine; README.md, Performance)
+            # measured 24 ms instead of 50 ms on the benchmark machine; docs/performance.md)
             socket_read_size=SOCKET_READ_SIZE,
         )
         pool = self._redis.connection_pool

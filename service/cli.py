@@ -1,4 +1,4 @@
-"""`loragen` command line: serve | worker | generate | inspect | convert | train | eval | bench.
+"""`loragen` command line: serve | worker | generate | try | inspect | convert | train | eval | bench.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
 a command runs, so `loragen --help` is instant.
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
               api=False)
 
     g = sub.add_parser("generate", help="generate a PEFT adapter directory from a task, document or embedding")
-    g.add_argument("--checkpoint", required=True, metavar="SRC", help="directory or hf://owner/repo[/sub][@rev]")
+    g.add_argument("--checkpoint", metavar="SRC", help="directory or hf://owner/repo[/sub][@rev] (default: the demo "
+                   "bundle's T2L, the one `loragen serve` serves)")
     src = g.add_mutually_exclusive_group(required=True)
     src.add_argument("--task", metavar="TEXT", help="a description of the task")
     src.add_argument("--document", metavar="FILE", help="a text file; long documents are chunked")
@@ -71,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow an encoder that ships its own code (gte-large-en-v1.5 of released T2L)")
     checkpoint_args(g)
+
+    t = sub.add_parser("try", help="run an adapter on the demo base model: its answers without and with the adapter")
+    t.add_argument("--adapter", required=True, metavar="PATH",
+                   help="a PEFT directory, or the .safetensors file POST /generate returns")
+    given = t.add_mutually_exclusive_group(required=True)
+    given.add_argument("--input", action="append", dest="inputs", metavar="X", help="an input, e.g. jcdg; repeatable")
+    given.add_argument("--examples", metavar="TASK", help="the evaluation examples of a task of the bundle's suite")
+    t.add_argument("-n", type=int, default=8, help="how many examples of --examples TASK (default 8)")
+    t.add_argument("--bundle", metavar="DIR", help="a bundle from `loragen train demo` (default: the demo bundle)")
 
     i = sub.add_parser("inspect", help="print a checkpoint's base model, variant, modules, dims and size")
     i.add_argument("source", metavar="SRC")
@@ -208,6 +218,7 @@ def _usage(message: str):
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from generator import DEMO_CHECKPOINTS
     from generator.errors import InputError
     from generator.pipeline import LoraGenerator, TaskInput
 
@@ -219,13 +230,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
         item = TaskInput.from_embedding(_read_embedding(args.embedding))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    gen = LoraGenerator.load(args.checkpoint, module_order=args.module_order, base_model=args.base_model,
+    gen = LoraGenerator.load(args.checkpoint or str(DEMO_CHECKPOINTS["demo"]), module_order=args.module_order,
+                             base_model=args.base_model,
                              device=args.device, compute_dtype=getattr(torch, args.compute_dtype),
                              trust_remote_code=args.trust_remote_code)
     (adapter,) = gen.generate([item], dtype=args.dtype)
     out = adapter.save_pretrained(args.out)
     print(f"wrote {out} ({adapter.safetensors_size()} bytes, {len(adapter.tensors)} tensors, "
           f"base {gen.config.base_model}, input {adapter.provenance['input_sha256'][:16]})")
+    return 0
+
+
+def cmd_try(args: argparse.Namespace) -> int:
+    from generator import DEMO_BUNDLE
+    from generator.errors import InputError
+    from generator.eval.trial import run_trial
+
+    if args.n < 1:
+        raise InputError(f"-n {args.n}: give at least 1 example")
+    trials = run_trial(args.bundle or DEMO_BUNDLE, args.adapter, args.inputs or (), args.examples, args.n)
+    expected = args.examples is not None
+    width = max(10, *(len(t.input) for t in trials))
+    print(f"{'input':>{width}}  " + (f"{'expected':>{width}}  " if expected else "") + f"{'base model':>{width}}  "
+          f"{'with adapter':>{width}}")
+    for t in trials:
+        mark = "" if t.correct is None else "  ✓" if t.correct else "  ✗"
+        print(f"{t.input:>{width}}  " + (f"{t.expected:>{width}}  " if expected else "") + f"{t.base:>{width}}  "
+              f"{t.adapted:>{width}}{mark}")
+    if expected:
+        from generator.train.basemodel import canonical
+
+        base_hits = sum(canonical(t.base) == canonical(t.expected) for t in trials)
+        print(f"exact match: base model {base_hits}/{len(trials)}, with adapter {sum(t.correct for t in trials)}/{len(trials)}")
     return 0
 
 
@@ -313,7 +349,8 @@ def _read_embedding(path: str):
     return next(iter(tensors.values()))
 
 
-COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "inspect": cmd_inspect, "convert": cmd_convert,
+COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "try": cmd_try, "inspect": cmd_inspect,
+            "convert": cmd_convert,
             "train": lambda args: _train().cmd_train(args), "eval": lambda args: _train().cmd_eval(args)}
 
 if __name__ == "__main__":

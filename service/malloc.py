@@ -4,7 +4,7 @@ Every generation allocates and frees tens of MB (the batch's A/B, each adapter's
 Mistral-7B dims, the bytes of its file). With glibc's defaults, blocks that large are mmap'd and unmapped
 again, or trimmed off the top of the heap, so every new adapter's memory is faulted in page by page: about
 8,000 page faults per adapter. On the benchmark machine (2 cores, bfloat16 compute, float32 output) this
-policy made generation plus serialising 31-40% faster at batch 16 and 64 (README.md, Performance). Raising the mmap
+policy made generation plus serialising 31-40% faster at batch 16 and 64 (docs/performance.md). Raising the mmap
 threshold to its 32 MiB maximum and the trim threshold to 1 GiB keeps that memory in the process: its
 resident size then stays near its peak (at most 1 GiB above what it uses) instead of shrinking between
 bursts.

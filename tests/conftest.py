@@ -10,13 +10,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "t2l-reference"
+FIXTURES = REPO / "tests" / "fixtures" / "t2l-reference"  # see tests/fixtures/README.md
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    if not FIXTURES.is_dir():
-        pytest.skip(f"reference fixtures not found at {FIXTURES}")
+    assert FIXTURES.is_dir(), f"reference fixtures missing at {FIXTURES}: they are part of the repository"
     return FIXTURES
 
 @pytest.fixture(scope="module")

@@ -183,3 +183,50 @@ def test_serve_with_no_cache_at_all_is_one_line(tmp_path):
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
     assert "LORAGEN_MEMORY_CACHE_BYTES=0" in out.stderr and "LORAGEN_REDIS_URL" in out.stderr
+
+
+def test_generate_defaults_to_the_demo_bundle_and_try_runs_its_adapter(capsys, tmp_path):
+    """`loragen generate` with no --checkpoint uses the demo bundle's T2L (as `serve` does); `loragen try`
+    runs the adapter on the demo base model, as a PEFT directory and as the single file /generate returns."""
+    from generator import DEMO_CHECKPOINTS
+    from generator.pipeline import LoraGenerator, TaskInput
+
+    code, out, _ = run(capsys, "generate", "--task", "Make the first letter of the word a capital.", "--out",
+                       str(tmp_path / "cap"))
+    assert code == 0 and "base loragen/demo-base" in out, out
+    (expected,) = LoraGenerator.load(str(DEMO_CHECKPOINTS["demo"])).generate(
+        [TaskInput.task("Make the first letter of the word a capital.")])
+    assert (tmp_path / "cap" / ADAPTER_WEIGHTS).read_bytes() == expected.safetensors_bytes()
+
+    code, by_dir, _ = run(capsys, "try", "--adapter", str(tmp_path / "cap"), "--examples", "capitalize")
+    assert code == 0, by_dir
+    rows = [line.split() for line in by_dir.splitlines()[1:-1]]
+    assert len(rows) == 8 and all(r[1] == r[0].capitalize() for r in rows)  # input, expected, base, adapted, mark
+    base_hits = sum(r[2] == r[1] for r in rows)
+    adapted_hits = sum(r[3] == r[1] for r in rows)
+    assert by_dir.splitlines()[-1] == f"exact match: base model {base_hits}/8, with adapter {adapted_hits}/8"
+    assert adapted_hits >= base_hits + 4, by_dir  # the adapter, not the base, capitalises
+
+    code, by_file, _ = run(capsys, "try", "--adapter", str(tmp_path / "cap" / ADAPTER_WEIGHTS), "--examples", "capitalize")
+    assert code == 0 and by_file == by_dir
+    code, bare, _ = run(capsys, "try", "--adapter", str(tmp_path / "cap"), "--input", "jcdg", "--input", "3 1 2")
+    assert code == 0 and bare.splitlines()[0].split() == ["input", "base", "model", "with", "adapter"]
+    assert [line.split()[0] for line in bare.splitlines()[1:]] == ["jcdg", "3"]
+
+
+def test_try_bad_inputs_are_one_line_exit_2(capsys, text_ckpt, tmp_path):
+    run(capsys, "generate", "--task", "reverse the word", "--out", str(tmp_path / "rev"))
+    (tmp_path / "junk.safetensors").write_bytes(b"not safetensors")
+    run(capsys, "generate", "--checkpoint", str(text_ckpt), "--task", "x", "--out", str(tmp_path / "other"))
+    adapter = str(tmp_path / "rev")
+    expect_error(capsys, "no token for", "try", "--adapter", adapter, "--input", "héllo")
+    expect_error(capsys, "is empty", "try", "--adapter", adapter, "--input", "")
+    expect_error(capsys, "not found", "try", "--adapter", str(tmp_path / "missing"), "--input", "ab")
+    expect_error(capsys, "not a safetensors file from loragen", "try", "--adapter", str(tmp_path / "junk.safetensors"),
+                 "--input", "ab")
+    expect_error(capsys, "PEFT directory holds", "try", "--adapter", str(tmp_path), "--input", "ab")
+    expect_error(capsys, "is not in", "try", "--adapter", adapter, "--examples", "no_such_task")
+    expect_error(capsys, "does not fit the base model", "try", "--adapter", str(tmp_path / "other"), "--input", "ab")
+    expect_error(capsys, "no base/ and suite.json", "try", "--adapter", adapter, "--input", "ab", "--bundle", str(tmp_path))
+    expect_error(capsys, "at least 1", "try", "--adapter", adapter, "--examples", "reverse", "-n", "0")
+    expect_usage_error(capsys, "one of the arguments", "try", "--adapter", adapter)

@@ -81,7 +81,7 @@ def test_module_order_override_changes_output(fixtures_dir):
     swapped = LoraGenerator.load(d, module_order=["q_proj", "v_proj"]).generate([TaskInput.from_embedding(emb)])[0]
     assert swapped.config["target_modules"] == ["q_proj", "v_proj"]
     k = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-    assert (default.tensors[k] - swapped.tensors[k]).abs().max() > 0.1  # the README: 0.2 to 0.5
+    assert (default.tensors[k] - swapped.tensors[k]).abs().max() > 0.1  # tests/fixtures/README.md: 0.2 to 0.5
 
 
 SCRIPT = """
@@ -96,7 +96,7 @@ print(hashlib.sha256(a.safetensors_bytes()).hexdigest())
 
 
 def test_bytes_do_not_depend_on_hash_seed(fixtures_dir):
-    """The reference's module order depends on PYTHONHASHSEED; ours must not (the README's seed 8 swaps it)."""
+    """The reference's module order depends on PYTHONHASHSEED; ours must not (tests/fixtures/README.md)."""
     d = str(fixtures_dir / "llama_S")
     digests = set()
     for seed in ("0", "8", "3"):
