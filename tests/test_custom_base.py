@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import re
-import threading
 import warnings
 from pathlib import Path
 
@@ -365,24 +364,27 @@ def test_sft_on_a_custom_base_resumes_exactly(bases, tmp_path):
 
     run(tmp_path / "straight")
     state = tmp_path / "resumed" / STATE
-    sent, stop = threading.Event(), threading.Event()
 
-    def interrupt_once_state_is_written():  # waits on the observable state: the loop's first resume file
-        while not state.exists():
-            if stop.wait(0.001):
-                return
-        sent.set()
-        _thread.interrupt_main()
+    class InterruptOnceStateIsWritten(type(table)):
+        """The same training table (its embeddings, not encoded again), which sends Ctrl-C (as a terminal
+        does: to the main thread) at the first step after the loop's first resume file appears: the
+        observable state, at a known step, however busy the machine."""
 
-    watcher = threading.Thread(target=interrupt_once_state_is_written, daemon=True)
-    watcher.start()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run(tmp_path / "resumed")
-    finally:
-        stop.set()
-        watcher.join()
-    assert sent.is_set() and state.exists()
+        def __init__(self, inner):
+            self.__dict__.update(inner.__dict__)
+            self.sent = False
+
+        def adapters(self, net, texts):
+            if not self.sent and state.exists():
+                self.sent = True
+                _thread.interrupt_main()
+            return super().adapters(net, texts)
+
+    interrupting = InterruptOnceStateIsWritten(table)
+    with pytest.raises(KeyboardInterrupt):
+        train_sft(config, suite, bases["qwen"], tmp_path / "resumed", cfg, batch_size=2, table=interrupting)
+    sent = interrupting.sent
+    assert sent and state.exists()
     log = run(tmp_path / "resumed")
     assert 2 <= log["resumed_from"] < cfg.steps and not state.exists()
     straight, resumed = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("straight", "resumed"))
