@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 import warnings
 from pathlib import Path
 
@@ -381,8 +382,14 @@ def test_sft_on_a_custom_base_resumes_exactly(bases, tmp_path):
             return super().adapters(net, texts)
 
     interrupting = InterruptOnceStateIsWritten(table)
-    with pytest.raises(KeyboardInterrupt):
-        train_sft(config, suite, bases["qwen"], tmp_path / "resumed", cfg, batch_size=2, table=interrupting)
+    # Python's own Ctrl-C handler, as in a terminal: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and then interrupt_main() does nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_sft(config, suite, bases["qwen"], tmp_path / "resumed", cfg, batch_size=2, table=interrupting)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     sent = interrupting.sent
     assert sent and state.exists()
     log = run(tmp_path / "resumed")
