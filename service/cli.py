@@ -258,10 +258,8 @@ def cmd_try(args: argparse.Namespace) -> int:
         print(f"{t.input:>{width}}  " + (f"{t.expected:>{width}}  " if expected else "") + f"{t.base:>{width}}  "
               f"{t.adapted:>{width}}{mark}")
     if expected:
-        from generator.train.basemodel import canonical
-
-        base_hits = sum(canonical(t.base) == canonical(t.expected) for t in trials)
-        print(f"exact match: base model {base_hits}/{len(trials)}, with adapter {sum(t.correct for t in trials)}/{len(trials)}")
+        n, base, adapted = len(trials), sum(t.base_correct for t in trials), sum(t.correct for t in trials)
+        print(f"exact match: base model {base}/{n}, with adapter {adapted}/{n}")
     return 0
 
 

@@ -38,9 +38,17 @@ class Trial:
 
     @property
     def correct(self) -> bool | None:
+        """Whether the adapted answer is the expected one (None without an expected answer)."""
+        return self._matches(self.adapted)
+
+    @property
+    def base_correct(self) -> bool | None:
+        return self._matches(self.base)
+
+    def _matches(self, answer: str) -> bool | None:
         from generator.train.basemodel import canonical
 
-        return None if self.expected is None else canonical(self.adapted) == canonical(self.expected)
+        return None if self.expected is None else canonical(answer) == canonical(self.expected)
 
 
 def run_trial(bundle: str | Path, adapter: str | Path, inputs: Sequence[str] = (), task: str | None = None,
