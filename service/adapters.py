@@ -45,6 +45,10 @@ class Backend(Protocol):
 
     async def submit(self, job: Job) -> bytes: ...
 
+    async def readiness(self) -> tuple[bool, dict]:
+        """(ready, what /ready shows of it; a "reason" key when not ready)."""
+        ...
+
     async def close(self) -> None: ...
 
 

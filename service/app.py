@@ -3,7 +3,6 @@ opens the cache; serving objects live on `app.state`."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -96,23 +95,26 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         from service.cache import make_cache
 
         redis_url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        queue_url = settings.queue_url()  # coordination: job stream, heartbeats, locks, rate limits
         cache = make_cache(redis_url, max_bytes=settings.memory_cache_bytes, prefix=settings.cache_prefix,
-                           ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s)
+                           ttl_s=settings.cache_ttl_s, socket_timeout_s=settings.redis_timeout_s, lock_url=queue_url)
         metrics.count_near_hits(lambda: cache.stats.near_hits)
-        consumers: list[asyncio.Task] = []
-        stop = asyncio.Event()
+        consumers = None
         if settings.queue == "redis":  # API node: jobs go to `loragen worker` processes through Redis
-            from service.queue import StreamQueue, make_workers
+            from service.queue import Consumers, StreamQueue, make_workers
 
             if settings.embedded_worker:  # and this node is one of those workers
                 generators = loaded if loaded is not None else load_generators(settings)
                 checkpoints = {cid: gen.checkpoint for cid, gen in generators[0].items()}
-                consumers = [asyncio.create_task(w.run(stop))
-                             for w in make_workers(settings, generators, cache, metrics)]
+                consumers = app.state.consumers = Consumers(make_workers(settings, generators, cache, metrics))
             else:
                 checkpoints = loaded if loaded is not None else load_checkpoints(settings)
-            backend = StreamQueue(redis_url, settings.cache_prefix, cache, max_pending=settings.max_pending,
-                                  socket_timeout_s=settings.redis_timeout_s)
+            backend = StreamQueue(queue_url, settings.cache_prefix, cache, max_pending=settings.max_pending,
+                                  socket_timeout_s=settings.redis_timeout_s, metrics=metrics,
+                                  checkpoints={cid: ckpt.sha256 for cid, ckpt in checkpoints.items()})
+            await backend.warn_if_evicting()
+            if consumers is not None:
+                consumers.start()
         else:
             from service.pool import WorkerPool
 
@@ -126,14 +128,14 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         if limit is not None:
             from service.ratelimit import RateLimiter
 
-            app.state.limiter = RateLimiter(*limit, redis_url=redis_url, prefix=settings.cache_prefix,
+            app.state.limiter = RateLimiter(*limit, redis_url=queue_url, prefix=settings.cache_prefix,
                                             socket_timeout_s=settings.redis_timeout_s)
         tag_log_lines()  # uvicorn has configured its loggers by now
         try:
             yield
         finally:
-            stop.set()  # embedded stream workers finish the batch in hand
-            await asyncio.gather(*consumers)
+            if consumers is not None:
+                await consumers.close()  # embedded stream workers finish the batch in hand
             await backend.close()
             await cache.close()
             if app.state.limiter is not None:
@@ -144,6 +146,7 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.limiter = None
+    app.state.consumers = None  # with --embedded-worker: this node's stream consumers (service.queue.Consumers)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):

@@ -25,7 +25,8 @@ against damage, not a signature (whoever can write to Redis can write anything).
 and sends 1 MiB values several times faster than one ~14 MB value (docs/performance.md). A put writes the
 pieces, then the head, in one pipeline on one connection, all with the TTL: a reader that finds a head finds
 its pieces, unless Redis evicted one since (allkeys-lru evicts keys one by one); such an incomplete entry
-reads as a miss and is cleared, a damaged one as corrupt. Single-flight locks live at `{prefix}lock:{id}`.
+reads as a miss and is cleared, a damaged one as corrupt. Single-flight locks live at `{prefix}lock:{id}`, on
+the coordination Redis when one is configured apart (`lock_url`).
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ class RedisCache(AdapterCache):
 
     backend = "redis"
 
-    def __init__(self, url: str, *, prefix: str = "loragen:", ttl_s: int = 7 * 86400, socket_timeout_s: float = 2.0):
+    def __init__(self, url: str, *, prefix: str = "loragen:", ttl_s: int = 7 * 86400, socket_timeout_s: float = 2.0,
+                 lock_url: str | None = None):
         if not isinstance(url, str) or not url:
             raise ValueError("RedisCache needs a Redis URL such as redis://localhost:6379/0")
         if not isinstance(prefix, str) or any(c.isspace() or c in "*?[]\\" for c in prefix):
@@ -355,6 +357,14 @@ class RedisCache(AdapterCache):
         pool = self._redis.connection_pool
         pool.connection_class = _PIECE_WRITING.get(pool.connection_class, pool.connection_class)
         self._delete_if_equal = self._redis.register_script(_DELETE_IF_EQUAL)
+        # single-flight locks: on the coordination Redis when it is another one (a lock evicted by the cache's
+        # allkeys-lru only costs duplicate work, but a noeviction Redis keeps them), else on this one
+        self._locks, self._locks_url_redacted = self._redis, None
+        if lock_url and lock_url != url:
+            self._locks = aioredis.Redis.from_url(lock_url, socket_timeout=self.socket_timeout_s,
+                                                  socket_connect_timeout=self.socket_timeout_s)
+            self._locks_url_redacted = redact_url(lock_url)
+        self._release_lock = self._locks.register_script(_DELETE_IF_EQUAL)
         logger.info("adapter cache: redis at %s, prefix %r, ttl %d s", self.url_redacted, prefix, ttl_s)
 
     def __repr__(self) -> str:
@@ -366,19 +376,21 @@ class RedisCache(AdapterCache):
     def _lock_key(self, key: str) -> str:
         return f"{self.prefix}lock:{check_key(key)}"
 
-    async def _run(self, what: str, awaitable: Awaitable[T]) -> T:
-        """Await one Redis call; anything meaning 'Redis is not usable now' becomes a one-line CacheUnavailable."""
+    async def _run(self, what: str, awaitable: Awaitable[T], *, url_redacted: str | None = None) -> T:
+        """Await one Redis call; anything meaning 'Redis is not usable now' becomes a one-line CacheUnavailable.
+        `url_redacted`: of the locks' own Redis, when the call goes there."""
+        where = f"queue Redis at {url_redacted}" if url_redacted else f"Redis cache at {self.url_redacted}"
+        fix = "give it more maxmemory" if url_redacted else "give the cache instance maxmemory-policy allkeys-lru"
         try:
             return await awaitable
         except OutOfMemoryError as exc:
             self.stats.errors += 1
             raise CacheUnavailable(
-                f"Redis cache at {self.url_redacted} refused {what}: maxmemory is reached and its policy does not evict "
-                f"(give the cache instance maxmemory-policy allkeys-lru): {_one_line(exc)}"
+                f"{where} refused {what}: maxmemory is reached and its policy does not evict ({fix}): {_one_line(exc)}"
             ) from exc
         except _UNAVAILABLE as exc:
             self.stats.errors += 1
-            raise CacheUnavailable(f"Redis cache at {self.url_redacted} failed {what}: {_one_line(exc)}") from exc
+            raise CacheUnavailable(f"{where} failed {what}: {_one_line(exc)}") from exc
 
     @staticmethod
     def _header(head: bytes) -> tuple[bytes, int, int]:
@@ -479,19 +491,23 @@ class RedisCache(AdapterCache):
 
     async def close(self) -> None:
         await self._redis.aclose()
+        if self._locks is not self._redis:
+            await self._locks.aclose()
 
     @asynccontextmanager
     async def lock(self, key: str, ttl_s: float) -> AsyncIterator[bool]:
         rkey = self._lock_key(key)
         ttl_ms = _check_ttl_s(ttl_s)
         token = secrets.token_hex(16)  # identifies this holder, so release cannot delete a successor's lock
-        acquired = bool(await self._run("lock SET NX", self._redis.set(rkey, token, nx=True, px=ttl_ms)))
+        where = self._locks_url_redacted
+        acquired = bool(await self._run("lock SET NX", self._locks.set(rkey, token, nx=True, px=ttl_ms),
+                                        url_redacted=where))
         try:
             yield acquired
         finally:
             if acquired:
                 try:
-                    await self._run("lock release", self._delete_if_equal(keys=[rkey], args=[token]))
+                    await self._run("lock release", self._release_lock(keys=[rkey], args=[token]), url_redacted=where)
                 except CacheUnavailable as exc:
                     logger.warning("cache lock %s not released; it expires by itself within %.1f s: %s", key, ttl_s, exc)
 
@@ -549,13 +565,15 @@ class NearCache(AdapterCache):
         return self.far.lock(key, ttl_s)
 
 
-def make_cache(redis_url: str | None, *, max_bytes: int, prefix: str, ttl_s: int, socket_timeout_s: float) -> AdapterCache:
+def make_cache(redis_url: str | None, *, max_bytes: int, prefix: str, ttl_s: int, socket_timeout_s: float,
+               lock_url: str | None = None) -> AdapterCache:
     """The cache the settings ask for: Redis when a URL is given (empty counts as none), behind a near cache
-    of `max_bytes` in process memory (0: none); else an in-process LRU of `max_bytes`.
+    of `max_bytes` in process memory (0: none); else an in-process LRU of `max_bytes`. `lock_url`: another
+    Redis for the single-flight locks (the coordination one); default the cache's.
 
     Nothing connects here; the first operation does (a down Redis raises CacheUnavailable then, not now).
     """
     if redis_url:
-        far = RedisCache(redis_url, prefix=prefix, ttl_s=ttl_s, socket_timeout_s=socket_timeout_s)
+        far = RedisCache(redis_url, prefix=prefix, ttl_s=ttl_s, socket_timeout_s=socket_timeout_s, lock_url=lock_url)
         return NearCache(far, MemoryCache(max_bytes)) if max_bytes else far
     return MemoryCache(max_bytes)

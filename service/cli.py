@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--host")
         sp.add_argument("--port", type=int)
         sp.add_argument("--redis-url", help="Redis for the cache (and the job stream); default: in-process LRU")
+        sp.add_argument("--queue-redis-url", help="Redis for the job stream, heartbeats, locks and rate limits "
+                        "(maxmemory-policy noeviction); default: the --redis-url one")
         sp.add_argument("--device", help="auto, cpu, cuda:N or a comma-separated list (a worker each)")
         sp.add_argument("--compute-dtype", choices=["float32", "bfloat16"])
         sp.add_argument("--trust-remote-code", action="store_true", default=None,
@@ -205,8 +207,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not settings.redis_url:
         raise _usage("a worker needs --redis-url (or LORAGEN_REDIS_URL): it takes its jobs from Redis")
     _logging(settings.log_level)
-    asyncio.run(run_worker(settings, load_generators(settings), Metrics()))
-    return 0
+    return asyncio.run(run_worker(settings, load_generators(settings), Metrics()))  # 1: a stream consumer died
 
 
 def _usage(message: str):

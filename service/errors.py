@@ -10,11 +10,12 @@ from pydantic import BaseModel
 class ApiError(Exception):
     status = 500
     type = "internal_error"
+    retry_after: str | None = None  # a Retry-After header every instance carries, unless `headers` sets its own
 
     def __init__(self, message: str, *, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
-        self.headers = headers or {}
+        self.headers = ({"Retry-After": self.retry_after} if self.retry_after else {}) | (headers or {})
 
 
 class InvalidInput(ApiError):
@@ -51,6 +52,19 @@ class RateLimited(ApiError):
 
 class Unavailable(ApiError):
     status, type = 503, "unavailable"
+
+
+class GenerationFailed(ApiError):
+    """The worker failed while generating (out of memory, a device error, a bug), not because of the input:
+    nothing is stored, so a retry generates again."""
+
+    status, type, retry_after = 503, "generation_failed", "1"
+
+
+class NoWorkers(ApiError):
+    """Distributed mode: no live `loragen worker` serves the requested checkpoint."""
+
+    status, type, retry_after = 503, "no_workers", "5"
 
 
 class Timeout(ApiError):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -38,6 +38,13 @@ class Metrics:
         self.disconnects = Counter("loragen_client_disconnects", "clients that hung up before their adapter was ready",
                                    registry=r)
         self.pending = Gauge("loragen_pending_generations", "generations queued or running", registry=r)
+        self.jobs_dead = Counter("loragen_jobs_dead", "stream jobs this worker moved to the dead-letter stream",
+                                 registry=r)
+        self.dead_letters = Gauge("loragen_dead_letter_jobs", "entries in the dead-letter stream (read at scrape time)",
+                                  registry=r)
+        self.live_workers = Gauge("loragen_live_workers", "workers with a live heartbeat, per checkpoint (read at "
+                                  "scrape time)", ["checkpoint"], registry=r)
+        self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
         self._near_hits = _Counted("loragen_cache_near_hits",
                                    "cache hits answered from the in-process near cache, without Redis", lambda: 0)
         r.register(self._near_hits)
@@ -45,6 +52,14 @@ class Metrics:
     def count_near_hits(self, near_hits: Callable[[], int]) -> None:
         """Export the cache's own count of hits answered from process memory (service.cache.NearCache)."""
         self._near_hits.value = near_hits
+
+    def on_scrape(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Run `hook` before every render: it sets gauges whose values live elsewhere (in Redis)."""
+        self._scrape_hooks.append(hook)
+
+    async def refresh(self) -> None:
+        for hook in self._scrape_hooks:
+            await hook()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from generator.errors import LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
-from service.errors import InvalidInput, Overloaded, Unavailable
+from service.errors import GenerationFailed, InvalidInput, Overloaded, Unavailable
 from service.logctx import NO_REQUEST, serving
 from service.malloc import keep_freed_memory
 from service.metrics import Metrics
@@ -93,8 +93,7 @@ class Worker:
         except Exception:  # a bug or a device failure: retryable for the client, logged for us
             log.exception("worker %d (%s) failed a batch of %d", self.index, self.device, len(entries))
             for e in entries:
-                _settle(e, error=Unavailable(f"generation failed on {self.device}; retry",
-                                             headers={"Retry-After": "1"}))
+                _settle(e, error=GenerationFailed(f"generation failed on {self.device}; retry"))
             return
         elapsed = time.perf_counter() - start
         log.debug("worker %d (%s) generated %d adapters in %.1f ms", self.index, self.device, len(entries),
@@ -186,6 +185,9 @@ class WorkerPool:
                              headers={"Retry-After": "1"}) from None
         # cancelling the awaiting task cancels the future: a job not yet taken by a worker is skipped
         return await asyncio.wrap_future(entry.future)
+
+    async def readiness(self) -> tuple[bool, dict]:
+        return True, {}  # a dead worker thread is replaced by the supervisor
 
     async def close(self, timeout_s: float = 5.0) -> None:
         self.stopping.set()

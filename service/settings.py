@@ -39,6 +39,15 @@ class Settings(BaseSettings):
     queue: Literal["local", "redis"] = "local"  # redis: API node only; `loragen worker` processes generate
     embedded_worker: bool = False  # with queue=redis: this node also generates (a single node that workers join)
     claim_idle_ms: int = Field(30_000, ge=100)  # a worker takes over jobs another left idle this long (it died)
+    # a job handed out more often than this (each worker that took it died or hung) goes to the dead-letter
+    # stream instead of killing the next worker too
+    max_deliveries: int = Field(3, ge=1)
+    # a worker's heartbeat lives this long (it beats every third of it): an API node counts a worker gone once
+    # it is silent this long, and answers 503 no_workers instead of queueing for nobody
+    worker_ttl_s: float = Field(10.0, ge=1)
+    # the job stream, dead letters, heartbeats, job errors, single-flight locks and rate limits: state that must
+    # not be evicted (maxmemory-policy noeviction). None: the cache's Redis (redis_url)
+    queue_redis_url: SecretStr | None = None
 
     redis_url: SecretStr | None = None  # None: the embedded in-process LRU cache
     cache_prefix: str = "loragen:"
@@ -67,7 +76,7 @@ class Settings(BaseSettings):
 
     # Per-client rate limit (per API key; per client IP on an open service): a token bucket refilled at
     # rate_limit_per_s and holding rate_limit_burst tokens; beyond it, 429 with Retry-After. 0: off. In Redis
-    # when redis_url is set, so the limit holds across replicas; per process otherwise.
+    # when redis_url or queue_redis_url is set, so the limit holds across replicas; per process otherwise.
     rate_limit_per_s: float = Field(0.0, ge=0)
     rate_limit_burst: int | None = Field(None, ge=1)  # None: max(1, ceil(rate_limit_per_s)), one second's worth
 
@@ -87,6 +96,11 @@ class Settings(BaseSettings):
             if not _HF_ALLOW.fullmatch(pattern):
                 raise ValueError(f"hf_allow entry {pattern!r} must be 'owner' or 'owner/repo'")
         return value
+
+    def queue_url(self) -> str | None:
+        """The Redis for coordination (queue_redis_url, else redis_url); None without either."""
+        url = self.queue_redis_url or self.redis_url
+        return url.get_secret_value() if url else None
 
     def rate_limit(self) -> tuple[float, int] | None:
         """(tokens per second, burst) when rate limiting is on, else None."""

@@ -11,7 +11,10 @@ router = APIRouter(tags=["operations"], responses={"default": {"model": ErrorRes
 _READY_BODY = {"type": "object", "required": ["status", "checkpoints"], "properties": {
     "status": {"type": "string", "enum": ["ready", "degraded", "not_ready"]},
     "checkpoints": {"type": "array", "items": {"type": "string"}},
-    "cache": {"type": "object"}}}
+    "cache": {"type": "object"},
+    "workers": {"type": ["object", "null"], "description": "queue=redis: live workers per checkpoint",
+                "additionalProperties": {"type": "array", "items": {"type": "string"}}},
+    "reason": {"type": "string", "description": "why the status is not ready"}}}
 
 
 @router.get("/health", summary="liveness: the process answers")
@@ -28,11 +31,22 @@ async def ready(request: Request) -> JSONResponse:
         return JSONResponse({"status": "not_ready", "checkpoints": []}, status_code=503)
     cache_ok = await service.cache.ping()
     service.cache_ok = cache_ok
+    backend_ok, backend_info = await service.backend.readiness()
+    reasons = [] if cache_ok else ["the cache is unreachable (generating uncached)"]
+    if not backend_ok:
+        reasons.append(backend_info.pop("reason", "the generation backend is not ready"))
+    consumers = request.app.state.consumers  # --embedded-worker
+    if consumers is not None and consumers.failure is not None:
+        reasons.append(f"embedded worker: {consumers.failure}")
     body = {
-        "status": "ready" if cache_ok else "degraded",  # degraded: still generating, uncached
+        # degraded: still answering (uncached, or through other workers), but something needs a look
+        "status": "degraded" if reasons else "ready",
         "checkpoints": list(service.checkpoints),
         "cache": {"backend": service.cache.backend, "reachable": cache_ok},
+        **backend_info,
     }
+    if reasons:
+        body["reason"] = "; ".join(reasons)
     return JSONResponse(body)
 
 
@@ -42,6 +56,7 @@ async def metrics(request: Request) -> Response:
     service = getattr(request.app.state, "service", None)
     if service is not None and service.cache.backend == "memory":
         m.cache_bytes.set(service.cache.stats.bytes)
+    await m.refresh()  # gauges read from Redis (queue=redis)
     return Response(m.render(), media_type=m.content_type)
 
 
