@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -325,3 +326,24 @@ def test_scaling_study_trains_nested_subsets_and_reports_every_split(mini_bundle
         assert main(["train", "scaling", "--bundle", str(out), "--sizes", sizes, "--out", str(tmp_path / "x")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
+
+
+@pytest.mark.slow
+def test_sft_with_mean_pooling_writes_and_is_evaluated_through_it(mini_bundle, tmp_path, capsys):
+    """`loragen train sft --pooling mean`: the checkpoint declares mean pooling, and evaluation conditions it on
+    mean-pooled embeddings (which are not the first token's state)."""
+    from generator.checkpoint import load_checkpoint
+    from generator.encoder import TaskEncoder
+    from service.cli import main
+
+    out, _ = mini_bundle
+    sft = tmp_path / "sft-mean"
+    assert main(["train", "sft", "--suite", str(out / "suite.json"), "--base", str(out / "base"), "--pooling", "mean",
+                 "--steps", "3", "--latent", "8", "--head-in", "16", "--out", str(sft), "--quiet"]) == 0
+    spec = load_checkpoint(sft).config.encoder
+    assert spec.pooling == "mean"
+    cls = TaskEncoder.load(replace(spec, pooling="cls")).encode(["Reverse the word."])
+    assert not torch.allclose(TaskEncoder.load(spec).encode(["Reverse the word."]), cls)
+    assert main(["eval", str(out), "--sft", str(sft), "--examples", "2", "--out", str(tmp_path / "ev")]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "ev" / "quality.json").read_text())["sft"] == str(sft)

@@ -113,6 +113,9 @@ def add_parsers(sub) -> None:
         else:
             h.add_argument("--document-share", type=float, default=0.3, help="share of samples conditioned on a document")
         lora_args(h, template=name == "sft", base_id=True)
+        h.add_argument("--pooling", choices=["cls", "mean"],
+                       help="how the encoder's token states become one task embedding: its first token's state (T2L's "
+                            "way, default) or their mean (how the demo's MiniLM encoder was trained to embed sentences)")
         reader_args(h)
         loop_args(h, steps, 1e-3)
 
@@ -312,8 +315,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         template = _template(args) if args.stage == "sft" else None
         if args.base_id is not None and not args.base_id.strip():
             raise InputError("--base-id must name the base model, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+        from generator.config import EncoderSpec
+
         config = hyper_config(base, lora=_lora_settings(args), base_model=args.base_id, latent=args.latent,
-                              head_in=args.head_in, reader=_reader_spec(args))
+                              head_in=args.head_in, reader=_reader_spec(args),
+                              encoder=EncoderSpec(pooling=args.pooling) if args.pooling else None)
         if args.stage == "recon":
             from generator.train.recon import train_recon
 
