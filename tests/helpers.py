@@ -1,4 +1,8 @@
-"""Builders shared by tests."""
+"""Builders shared by tests, and polling: tests wait for observable state under a deadline, never by sleeping."""
+
+import asyncio
+import inspect
+import time
 
 import torch
 
@@ -40,3 +44,29 @@ def write_task_file(path) -> None:
     lines = [json.dumps({"name": name, "descriptions": list(descs), "examples": [{"input": w, "output": fn(w)} for w in WORDS],
                          **({"held_out": True} if name == HELD_OUT else {})}) for name, descs, fn in TASKS]
     path.write_text("\n".join(lines) + "\n")
+
+
+def wait_until(predicate, timeout_s: float, every_s: float = 0.05):
+    """Poll `predicate` until it returns something truthy, and return that; AssertionError after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{getattr(predicate, '__name__', predicate)} not true within {timeout_s} s")
+        time.sleep(every_s)
+
+
+async def until(predicate, timeout_s: float, every_s: float = 0.01):
+    """wait_until on the event loop: `predicate` may be a plain or an async function; the loop runs between polls."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{getattr(predicate, '__name__', predicate)} not true within {timeout_s} s")
+        await asyncio.sleep(every_s)

@@ -21,6 +21,7 @@ from generator.checkpoint import Checkpoint
 from generator.config import EncoderSpec, HyperConfig, ModuleSpec
 from generator.hypernet import build_hypernet
 from service.cache import HEADER, MAGIC
+from tests.helpers import wait_until
 from tests.load import Workload, at, hot_hit_again, until_ready
 from tests.service_server import ServiceProcess
 from tests.test_service import ckpt_dir  # noqa: F401  (the checkpoint fixture)
@@ -200,7 +201,16 @@ def test_slow_clients_do_not_block_others(wide):
             s = socket.create_connection(("127.0.0.1", wide.port))
             s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 400\r\n\r\n{")
             senders.append(s)
-        time.sleep(0.5)
+
+        def answering_every_reader() -> bool:  # the server has begun each 4 MiB answer: its writes now stall
+            def started(s: socket.socket) -> bool:
+                try:
+                    return s.recv(12, socket.MSG_PEEK | socket.MSG_DONTWAIT).startswith(b"HTTP/1.1 200")
+                except BlockingIOError:
+                    return False
+            return all(started(s) for s in readers)
+
+        wait_until(answering_every_reader, timeout_s=60)
         w = Workload(wide.url, n_hot=4, miss_ratio=0.25, label="beside-slow-clients")
 
         async def scenario():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from generator.pipeline import LoraGenerator, TaskInput
 from service.errors import InvalidInput, Overloaded
 from service.metrics import Metrics
 from service.pool import Job, WorkerPool
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, until
 
 
 @pytest.fixture(scope="module")
@@ -110,38 +111,69 @@ def test_a_bad_input_fails_alone(generators):
     assert isinstance(results[1], InvalidInput) and "trust-remote-code" in results[1].message
 
 
+class Held:
+    """A generator whose generate() blocks until `release` is set: the worker that takes its job stays busy for
+    as long as the test needs, however fast the machine."""
+
+    def __init__(self, gen: LoraGenerator):
+        self.gen, self.release = gen, threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.gen, name)
+
+    def generate(self, inputs, dtype: str = "float32"):
+        if not self.release.wait(timeout=60):
+            raise RuntimeError("Held generator never released")
+        return self.gen.generate(inputs, dtype)
+
+
+async def holding(pool: WorkerPool, held: Held, seed: int) -> asyncio.Task:
+    """Submit a job to `held` and return its task once the (only) worker has it in hand and the queue is empty."""
+    task = asyncio.create_task(pool.submit(job("held", emb(seed), "float32")))
+    await until(lambda: pool.workers[0].current and pool.queue.qsize() == 0, timeout_s=30)
+    return task
+
+
 def test_full_queue_is_overloaded(generators):
-    long_doc = TaskInput.document(" ".join(f"Sentence {i} about sorting lists." for i in range(3000)))
+    held = Held(generators["text"])
 
     async def run(pool):
-        first = asyncio.create_task(pool.submit(job("text", long_doc, "float32")))
-        await asyncio.sleep(0.2)  # the worker holds the long job; the queue (size 1) takes one more
-        second = asyncio.create_task(pool.submit(job("text", emb(5), "float32")))
-        await asyncio.sleep(0)
-        with pytest.raises(Overloaded) as exc:
-            await pool.submit(job("text", emb(6), "float32"))
-        assert exc.value.headers["Retry-After"] == "1"
+        try:
+            first = await holding(pool, held, seed=10)  # the worker holds it; the queue (size 1) takes one more
+            second = asyncio.create_task(pool.submit(job("text", emb(5), "float32")))
+            await until(lambda: pool.queue.qsize() == 1, timeout_s=30)
+            with pytest.raises(Overloaded) as exc:
+                await pool.submit(job("text", emb(6), "float32"))
+            assert exc.value.headers["Retry-After"] == "1"
+        finally:
+            held.release.set()
         return await asyncio.gather(first, second)
 
-    results, _ = asyncio.run(with_pool(generators, run, max_queue=1, max_batch_size=1))
+    results, _ = asyncio.run(with_pool({**generators, "held": held}, run, max_queue=1, max_batch_size=1))
     assert all(isinstance(r, bytes) for r in results)
 
 
 def test_a_job_whose_waiter_left_is_not_generated(generators):
-    long_doc = TaskInput.document(" ".join(f"Sentence {i} about reversing words." for i in range(3000)))
+    held = Held(generators["text"])
 
     async def run(pool):
-        first = asyncio.create_task(pool.submit(job("text", long_doc, "float32")))
-        await asyncio.sleep(0.2)
-        gone = asyncio.create_task(pool.submit(job("text", emb(7), "float32")))
-        await asyncio.sleep(0.05)
-        gone.cancel()  # the client disconnected while its job was queued
+        try:
+            first = await holding(pool, held, seed=10)
+            gone = asyncio.create_task(pool.submit(job("text", emb(7), "float32")))
+            await until(lambda: pool.queue.qsize() == 1, timeout_s=30)
+            gone.cancel()  # the client disconnected while its job was queued
+            await until(lambda: pool.queue.queue[0].future.cancelled(), timeout_s=30)
+        finally:
+            held.release.set()
         await first
-        await asyncio.sleep(0.3)  # give the worker time to take (and drop) the cancelled job
-        return None
+        # one worker, one job per batch, first in first out: once a job queued after the cancelled one is
+        # done, the worker has taken (and dropped) the cancelled job
+        await pool.submit(job("text", emb(8), "float32"))
+        return gone
 
-    _, metrics = asyncio.run(with_pool(generators, run, max_batch_size=1))
-    assert batches(metrics) == (1, 1)
+    gone, metrics = asyncio.run(with_pool({**generators, "held": held}, run, max_batch_size=1))
+    assert gone.cancelled()
+    assert batches(metrics) == (2, 2)  # the held job and the one after: not the cancelled one
 
 
 def test_a_dead_worker_is_replaced_and_its_jobs_fail_fast(generators):

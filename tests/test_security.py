@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -23,6 +22,7 @@ from generator.checkpoint import load_checkpoint
 from generator.errors import CheckpointError
 from service.app import _client_id
 from service.settings import Settings
+from tests.helpers import wait_until
 from tests.service_server import ServiceProcess
 from tests.test_service import assert_error, ckpt_dir  # noqa: F401  (the checkpoint fixture)
 
@@ -92,7 +92,12 @@ def test_request_id_on_every_response_and_log_line(keyed):
     assert len(set(sent.values())) >= 4 and max(sent.values()) < 500, sent  # successes and several kinds of error
     # a fresh id when the client sends none
     assert re.fullmatch(r"[0-9a-f]{32}", c.get("/health").headers["x-request-id"])
-    time.sleep(0.5)
+
+    def access_lines_written() -> bool:  # uvicorn writes a request's access line after its response
+        whole = keyed.log_path.read_text(errors="replace").splitlines(keepends=True)
+        return all(any(line.endswith(f" request_id={rid}\n") and "HTTP/1.1" in line for line in whole) for rid in sent)
+
+    wait_until(access_lines_written, timeout_s=30)
     lines = keyed.log_records()  # every line from the first, startup included, ends in request_id=
     assert len(lines) > len(sent)
     for rid in sent:  # the access line of each request carries its id
@@ -145,9 +150,8 @@ def test_rate_limit_holds_across_replicas_and_degrades_without_redis(shared_limi
     finally:
         redis_server.start()
     assert "limiting per process" in shared_limit[0].log()
-    deadline = time.monotonic() + 20  # and back to the shared bucket (a new one: the restarted Redis is empty)
-    while a.get("/ready").json()["status"] != "ready" and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # and back to the shared bucket (a new one: the restarted Redis is empty)
+    wait_until(lambda: a.get("/ready").json()["status"] == "ready", timeout_s=30, every_s=0.2)
 
 
 def test_logs_carry_the_request_id_of_the_request_they_happened_in(shared_limit, redis_server, redis_prefix_module):
@@ -159,9 +163,14 @@ def test_logs_carry_the_request_id_of_the_request_they_happened_in(shared_limit,
     redis_server.client().setrange(key, 60, b"\xde\xad\xbe\xef")
     got = c.get(f"/v1/adapters/{r.headers['x-adapter-id']}", headers={"X-Request-Id": "corrupt-read-7"})
     assert_error(got, 404, "not_found")
-    time.sleep(0.3)
-    line = next(line for line in shared_limit[0].log().splitlines() if "deleted corrupt cache entry" in line)
-    assert line.endswith("request_id=corrupt-read-7")
+
+    def dropped_line() -> str | None:
+        text = shared_limit[0].log_path.read_text(errors="replace")
+        return next((line for line in text.splitlines(keepends=True) if "deleted corrupt cache entry" in line
+                     and line.endswith("\n")), None)  # a whole line, not one still being written
+
+    line = wait_until(dropped_line, timeout_s=30)
+    assert line.rstrip("\n").endswith("request_id=corrupt-read-7")
 
 
 def test_secrets_never_logged_and_trust_remote_code_off_by_default(fixtures_dir, redis_server, tmp_path):
@@ -178,11 +187,10 @@ def test_secrets_never_logged_and_trust_remote_code_off_by_default(fixtures_dir,
         assert 400 <= r.status_code < 500 and "trust-remote-code" in r.json()["error"]["message"], r.text
         ok = c.post("/generate", json={"embedding": [0.01] * 1024})
         assert ok.status_code == 200
-        c.get("/v1/checkpoints", headers=_auth("wrong-secret-yy-17"))
-        time.sleep(0.3)
-        log = proc.log()
+        assert c.get("/v1/checkpoints", headers=_auth("wrong-secret-yy-17")).status_code == 403
     finally:
         proc.stop()
+    log = proc.log_path.read_text(errors="replace")  # the whole log, complete: the process has exited
     assert "redis://:***@" in log  # the URL was logged, redacted
     assert "only embeddings accepted" in log and "--trust-remote-code" in log
     for secret in ("hunter2-redis-secret", "api-secret-zz-42", "wrong-secret-yy-17"):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
-from tests.helpers import tiny_checkpoint
+from tests.helpers import tiny_checkpoint, wait_until
 from tests.service_server import ServiceProcess
 from tests.test_service import assert_error, ckpt_dir, metric  # noqa: F401  (the checkpoint fixture)
 
@@ -40,15 +39,14 @@ def test_timeout_is_504_then_the_adapter_is_cached(tight):
     before = metric(c, "loragen_adapters_generated_total")
     r = c.post("/generate", json={"document": LONG_DOC, "checkpoint": "tiny"})
     assert_error(r, 504, "timeout", "cached when it completes")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        again = c.post("/generate", json={"document": LONG_DOC, "checkpoint": "tiny"})
-        if again.status_code == 200:
-            break
-        time.sleep(0.3)
+
+    def retried():
+        r = c.post("/generate", json={"document": LONG_DOC, "checkpoint": "tiny"})
+        return r if r.status_code == 200 else None
+
     # a retry may join the still-running generation (200, miss) or find it cached (200, hit); after that
     # it is cached either way: the generation that timed out for its first client was not lost
-    assert again.status_code == 200
+    again = wait_until(retried, timeout_s=120, every_s=0.3)
     cached = c.post("/generate", json={"document": LONG_DOC, "checkpoint": "tiny"})
     assert cached.headers["x-cache"] == "hit" and cached.content == again.content
     assert metric(c, "loragen_adapters_generated_total") - before == 1
@@ -60,17 +58,10 @@ def test_full_queue_is_429_with_retry_after(tight):
                                                       json={"document": LONG_DOC + " (second)", "checkpoint": "tiny"}))
     slow.start()
     try:
-        time.sleep(0.1)
-        statuses = []
-        for i in range(20):  # while the long one is pending, a distinct request finds the queue full
-            r = c.post("/generate", json={"task": f"distinct task {i}", "checkpoint": "tiny"})
-            statuses.append(r.status_code)
-            if r.status_code == 429:
-                assert r.headers["retry-after"] == "1"
-                assert_error(r, 429, "overloaded")
-                break
-            time.sleep(0.05)
-        assert 429 in statuses, statuses
+        wait_until(lambda: metric(c, "loragen_pending_generations") == 1, timeout_s=60)  # the long one is pending
+        r = c.post("/generate", json={"task": "a distinct task", "checkpoint": "tiny"})  # so the queue is full
+        assert_error(r, 429, "overloaded")
+        assert r.headers["retry-after"] == "1"
     finally:
         slow.join(timeout=60)
     assert c.get("/health").status_code == 200
@@ -99,7 +90,8 @@ def test_sigterm_drains_in_flight_requests(ckpt_dir, tmp_path):  # noqa: F811
 
     t = threading.Thread(target=slow)
     t.start()
-    time.sleep(0.3)  # the request is in flight
+    with httpx.Client(base_url=proc.url, timeout=60) as c:  # the request is in flight: its generation is pending
+        wait_until(lambda: metric(c, "loragen_pending_generations") == 1, timeout_s=60)
     proc.proc.send_signal(signal.SIGTERM)
     t.join(timeout=60)
     assert results["r"].status_code == 200 and len(results["r"].content) > 0
@@ -120,17 +112,26 @@ def test_a_client_that_disconnects_costs_no_generation(ckpt_dir, tmp_path):  # n
     try:
         c = httpx.Client(base_url=proc.url, timeout=60)
         before = metric(c, "loragen_adapters_generated_total")
-        busy = threading.Thread(target=lambda: c.post("/generate", json={"document": LONG_DOC + " (busy)"}))
+        passes = metric(c, "loragen_generation_batch_size_count")  # the worker's forward passes
+        busy = threading.Thread(target=lambda: httpx.post(proc.url + "/generate", json={"document": LONG_DOC + " (busy)"},
+                                                          timeout=60))
         busy.start()
-        time.sleep(0.3)  # the only worker is on the long document now
+        wait_until(lambda: metric(c, "loragen_pending_generations") == 1, timeout_s=60)  # the long document
         body = jsonlib.dumps({"task": "abandoned by its client"}).encode()
-        with socket.create_connection(("127.0.0.1", proc.port)) as s:  # send, then hang up at once
+        with socket.create_connection(("127.0.0.1", proc.port)) as s:  # send, then hang up
             s.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
-            time.sleep(0.2)
+            # hang up once its job waits in the queue behind the long document, which the only worker holds
+            wait_until(lambda: metric(c, "loragen_pending_generations") == 2
+                       and metric(c, "loragen_queue_depth") == 1, timeout_s=60)
+        wait_until(lambda: metric(c, "loragen_client_disconnects_total") == 1, timeout_s=60)
+        assert metric(c, "loragen_queue_depth") == 1  # still queued when its client left: the worker is busy
         busy.join(timeout=60)
-        time.sleep(1.0)  # time for the worker to take (and drop) the abandoned job
-        assert metric(c, "loragen_adapters_generated_total") - before == 1
+        # one worker, one job per batch, first in first out: once a request queued after the abandoned job is
+        # answered, the worker has taken (and dropped) the abandoned job
+        assert c.post("/generate", json={"task": "queued after the abandoned one"}).status_code == 200
+        assert metric(c, "loragen_adapters_generated_total") - before == 2  # the long document, the one after
+        assert metric(c, "loragen_generation_batch_size_count") - passes == 2
         assert metric(c, "loragen_client_disconnects_total") == 1
         after = c.post("/generate", json={"task": "abandoned by its client"})
         assert after.status_code == 200 and after.headers["x-cache"] == "miss"  # it was never generated
