@@ -21,6 +21,10 @@ hit is a cache read; the slow-client fault uses a 4 MiB adapter instead, larger 
   length, another adapter's entry under the id), a `loragen worker` SIGKILLed mid-load in the distributed
   mode (and a fresh one started), and slow clients (readers that stop reading a 4 MiB response, senders that
   announce a body and stall) beside normal ones.
+- chaos (benchmarks/chaos.py): two API nodes and three workers on one Redis, `--clients` clients for
+  `--chaos-s` (default 60 s), while workers and one API node are SIGKILLed and restarted at random and five
+  poison entries are injected; every 200 must equal direct generation, nothing may stay pending, and the
+  dead-letter stream must hold exactly the poison. `--only chaos` runs this part alone (chaos.json, chaos.md).
 
 Every answer is checked (tests/load.py): ok (200, and the body is the recorded bytes of a hot task, or a whole
 safetensors file for a new one), retryable (429/503 with Retry-After, 504), an error (anything else), or
@@ -51,6 +55,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.chaos import chaos  # noqa: E402
+from benchmarks.chaos import markdown as chaos_markdown  # noqa: E402
 from tests.hostile import hostile_cases, raw_request  # noqa: E402
 from tests.load import LoadResult, Workload, at, hot_hit_again, rss_mib, until_ready  # noqa: E402
 from tests.redis_server import RedisServer  # noqa: E402
@@ -381,7 +387,10 @@ def markdown(r: dict) -> str:
     if h["failures"]:
         lines += ["", "Hostile inputs not refused as required:", ""]
         lines += [f"- {name}: {'; '.join(p)}" for name, p in h["failures"].items()]
-    lines += ["", "Hostile inputs by group: " + ", ".join(f"{g} {n}" for g, n in h["by_group"].items()) + ".", ""]
+    lines += ["", "Hostile inputs by group: " + ", ".join(f"{g} {n}" for g, n in h["by_group"].items()) + "."]
+    if "chaos" in r:
+        lines += chaos_markdown(r["chaos"])
+    lines += [""]
     return "\n".join(lines)
 
 
@@ -392,11 +401,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup-s", type=float, default=10.0, help="load before the soak's figures start (default 10 s)")
     p.add_argument("--fault-clients", type=int, default=16, help="clients during each fault (default 16)")
     p.add_argument("--fault-s", type=float, default=21.0, help="load per fault; the fault sits in its middle third")
-    p.add_argument("--quick", action="store_true", help="smoke run: 8 clients, 10 s soak, 9 s faults")
+    p.add_argument("--chaos-s", type=float, default=60.0, help="load during the chaos run (default 60 s)")
+    p.add_argument("--only", choices=["chaos"], help="run one part alone: chaos (writes chaos.json and chaos.md)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 8 clients, 10 s soak, 9 s faults, 15 s chaos")
     p.add_argument("--out", type=Path, default=RESULTS, help="where reliability.json and reliability.md go")
     args = p.parse_args(argv)
     if args.quick:
         args.clients, args.soak_s, args.warmup_s, args.fault_clients, args.fault_s = 8, 10.0, 3.0, 8, 9.0
+        args.chaos_s = 15.0
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     command = "python -m benchmarks.reliability" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
     binary = shutil.which("redis-server")
@@ -406,6 +418,21 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="loragen-reliability-"))
     redis = RedisServer.launch(binary)
     started = time.monotonic()
+    if args.only == "chaos":
+        try:
+            result = {"command": command, "machine": machine(),
+                      **chaos(small_checkpoint(tmp), tmp, redis, clients=args.clients, duration_s=args.chaos_s)}
+        finally:
+            redis.close()
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "chaos.json").write_text(json.dumps(result, indent=2) + "\n")
+        m = result["machine"]
+        text = "\n".join([f"# Chaos under load\n\n`{command}` on {m['cores']} cores ({m['cpu']}), {m['redis']}, "
+                          f"commit {m['git_commit']}, {m['date']}.", *chaos_markdown(result), ""])
+        (args.out / "chaos.md").write_text(text)
+        print(text)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return 0 if result["passed"] else 1
     try:
         ckpt, wide = small_checkpoint(tmp), wide_checkpoint(tmp)
         step = lambda name: print(f"[{time.monotonic() - started:6.1f} s] {name}", flush=True)  # noqa: E731
@@ -419,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         faults.append(worker_killed(ckpt, tmp, redis, args.fault_clients, args.fault_s))
         step("slow clients")
         faults.append(slow_clients(wide, tmp, args.fault_clients, args.fault_s, n_slow=16))
+        step(f"chaos: 2 API nodes, 3 workers, {args.clients} clients, {args.chaos_s:g} s")
+        chaos_r = chaos(ckpt, tmp, redis, clients=args.clients, duration_s=args.chaos_s)
     finally:
         redis.close()
     runs = [soak_r, *faults]
@@ -426,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": command, "machine": machine(), "elapsed_s": round(time.monotonic() - started, 1),
         "totals": {"requests": sum(x["requests"] for x in runs), "errors": sum(x["errors"] for x in runs),
                    "corrupt_served": sum(x["corrupt_served"] for x in runs)},
-        "hostile": hostile_r, "soak": soak_r, "faults": faults,
+        "hostile": hostile_r, "soak": soak_r, "faults": faults, "chaos": chaos_r,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "reliability.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -435,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(tmp, ignore_errors=True)
     ok = (results["totals"]["errors"] == 0 and results["totals"]["corrupt_served"] == 0
           and hostile_r["refused_as_required"] == hostile_r["tried"] and hostile_r["stored_adapter_intact"]
-          and not hostile_r["tracebacks_in_log"] and all(f["survived"] and f["recovered"] for f in faults))
+          and not hostile_r["tracebacks_in_log"] and all(f["survived"] and f["recovered"] for f in faults)
+          and chaos_r["passed"])
     return 0 if ok else 1
 
 
