@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -14,20 +13,9 @@ import torch
 
 from generator.checkpoint import load_checkpoint
 from generator.pipeline import LoraGenerator, TaskInput
+from tests.helpers import wait_until
 from tests.service_server import ServiceProcess
 from tests.test_service import assert_error, ckpt_dir, metric  # noqa: F401  (the checkpoint fixture)
-
-
-def wait_until(predicate, timeout_s: float, every_s: float = 0.05):
-    """Poll `predicate` until it returns something truthy, and return that; AssertionError after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{getattr(predicate, '__name__', predicate)} not true within {timeout_s} s")
-        time.sleep(every_s)
 
 
 def node_env(redis_server, prefix: str, **extra: str) -> dict[str, str]:

@@ -22,9 +22,10 @@ from generator.checkpoint import load_checkpoint
 from generator.pipeline import TaskInput
 from service.pool import Job
 from service.queue import GROUP, encode_job
+from tests.helpers import wait_until
 from tests.redis_server import RedisServer
 from tests.service_server import ServiceProcess, free_port
-from tests.test_distributed import embedding, node_env, wait_until
+from tests.test_distributed import embedding, node_env
 from tests.test_service import assert_error, ckpt_dir, metric  # noqa: F401  (the checkpoint fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
