@@ -31,6 +31,7 @@ import httpx
 
 from tests.redis_server import RedisServer
 from tests.service_server import ServiceProcess
+from tests.test_service import metric
 
 GROUP = "loragen-workers"  # service.queue.GROUP
 REQUEST_TIMEOUT_S = 30.0
@@ -234,12 +235,8 @@ def chaos(ckpt: Path, tmp: Path, redis: RedisServer, *, clients: int = 32, durat
             for task, adapter in zip(batch, direct.generate([TaskInput.task(t) for t in batch]), strict=True):
                 want = hashlib.sha256(adapter.safetensors_bytes()).hexdigest()
                 mismatched += load.bodies[task] != {want}
-        claimed = 0.0
-        for w in workers:
-            if w.proc.poll() is None:
-                for line in httpx.get(w.url + "/metrics", timeout=10).text.splitlines():
-                    if line.startswith("loragen_jobs_claimed_total "):
-                        claimed += float(line.split()[1])
+        claimed = sum(metric(httpx.Client(base_url=w.url, timeout=10), "loragen_jobs_claimed_total")
+                      for w in workers if w.proc.poll() is None)
         errors = sum(load.errors.values())
         result = {
             "clients": clients, "sending_s": duration_s, "duration_s": round(elapsed, 1),

@@ -7,7 +7,6 @@ import hashlib
 import hmac
 import logging
 import math
-import re
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -21,12 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator import __version__  # light: generator/__init__ imports no torch
 from service.errors import ApiError, HeadersTooLarge, PayloadTooLarge, RateLimited, envelope
-from service.logctx import request_id_var, tag_log_lines
+from service.logctx import REQUEST_ID, request_id_var, tag_log_lines
 from service.metrics import Metrics
 from service.settings import Settings
 
 log = logging.getLogger("loragen")
-_REQUEST_ID = re.compile(r"^[\w.:-]{1,64}$", re.ASCII)
 
 
 def devices_for(setting: str) -> list[str]:
@@ -212,7 +210,7 @@ class RequestId:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        rid = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         request_id_var.set(rid)  # not reset: uvicorn logs an app's crash after the app returns, in this task
 

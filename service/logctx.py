@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 NO_REQUEST = "-"
+REQUEST_ID = re.compile(r"[\w.:-]{1,64}", re.ASCII)  # a request id the API accepts from a client (fullmatch)
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("loragen_request_id", default=NO_REQUEST)
 # the root logger (our own lines) and uvicorn's, which get their own handlers when uvicorn configures them
 LOGGERS = ("", "uvicorn", "uvicorn.error", "uvicorn.access")

@@ -37,6 +37,7 @@ import socket
 import time
 from collections import defaultdict
 from collections.abc import Iterable
+from typing import get_args
 
 import redis.asyncio as aioredis
 import torch
@@ -47,10 +48,11 @@ from generator.errors import LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
 from service.cache import AdapterCache, CacheUnavailable, redact_url
 from service.errors import ApiError, GenerationFailed, InvalidInput, NoWorkers, Overloaded, Unavailable
-from service.logctx import NO_REQUEST, serving
+from service.logctx import NO_REQUEST, REQUEST_ID, serving
 from service.malloc import keep_freed_memory
 from service.metrics import Metrics
 from service.pool import Job
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +61,9 @@ ERROR_TTL_S = 300  # how long a job's error stays readable for its waiters
 DEAD_MAXLEN = 10_000  # dead letters kept (approximately: XADD MAXLEN ~), the oldest dropped first
 LIVE_CACHE_S = 1.0  # an API node asks Redis which workers live at most this often per checkpoint
 EXIT_GRACE_S = 3.0  # a worker whose consumer died answers /ready (503, the reason) this long, then exits
-COMPUTE_DTYPES = ("float32", "bfloat16")  # Settings.compute_dtype
+COMPUTE_DTYPES = get_args(Settings.model_fields["compute_dtype"].annotation)  # what a node may compute in
 KINDS = ("task", "document", "embedding")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
-_REQUEST_ID = re.compile(r"[\w.:-]{1,64}", re.ASCII)  # as the API accepts them (service.app)
 
 # KEYS: the worker sets of the checkpoints a worker serves; ARGV[1] its name, ARGV[2] ttl in ms (0: withdraw).
 # Scores are expiry times on the Redis server's clock, so the clocks of the workers' machines do not matter.
@@ -190,7 +191,7 @@ def _request_id(fields: dict[bytes, bytes]) -> str:
     """The id of the request an entry was queued for ("-" for entries queued by older API nodes, or for an id
     that is not one the API would have given)."""
     rid = fields.get(b"rid", NO_REQUEST.encode()).decode(errors="replace")
-    return rid if _REQUEST_ID.fullmatch(rid) else NO_REQUEST
+    return rid if REQUEST_ID.fullmatch(rid) else NO_REQUEST
 
 
 def _failure(raw: bytes) -> ApiError:
