@@ -92,8 +92,14 @@ class ReaderSpec:
     heads: int = 4  # attention heads of every cross- and self-attention; W must divide by it
     layers: int = 2  # blocks of (cross-attention to the tokens, self-attention among latents, MLP)
     max_tokens: int = 1024  # T cap per text: a long document's windows are concatenated up to this many tokens
+    # the first token's state (a first-token encoder's pooled embedding) also feeds the task code through its
+    # own Linear + LayerNorm, and the reader's part starts at zero: training starts as a pooled hypernetwork
+    # and the reader adds what pooling loses
+    pooled_skip: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.pooled_skip, bool):
+            raise ConfigError(f"reader.pooled_skip must be true or false, got {self.pooled_skip!r}")
         for name in ("latents", "width", "heads", "layers", "max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -193,6 +199,8 @@ class HyperConfig:
         d["encoder"] = asdict(self.encoder)
         if self.reader is None:
             del d["reader"]  # a pooled config writes exactly what it always did: its hash and file are unchanged
+        elif not self.reader.pooled_skip:
+            del d["reader"]["pooled_skip"]  # nor does a reader config without the skip
         # format_version first so a reader can refuse a file before parsing the rest
         return {"format_version": d.pop("format_version"), **d}
 

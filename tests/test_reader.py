@@ -94,7 +94,8 @@ def test_reader_checkpoint_saves_loads_and_hashes_its_reader(variant, tmp_path):
     assert not any(k.startswith("task_encoder.") for k in ckpt.state_dict)
     loaded = load_checkpoint(ckpt.save(tmp_path / "ckpt"))
     assert loaded.config == ckpt.config and loaded.sha256 == ckpt.sha256
-    assert loaded.describe()["reader"] == {"latents": 4, "width": 16, "heads": 2, "layers": 1, "max_tokens": 64}
+    assert loaded.describe()["reader"] == {"latents": 4, "width": 16, "heads": 2, "layers": 1, "max_tokens": 64,
+                                           "pooled_skip": False}
     states = torch.randn(2, 7, 384)
     mask = torch.ones(2, 7, dtype=torch.bool)
     with torch.no_grad():
@@ -114,6 +115,40 @@ def test_reader_checkpoint_saves_loads_and_hashes_its_reader(variant, tmp_path):
         Checkpoint.from_state_dict(ckpt.config, pooled)
     with pytest.raises(CheckpointError, match=r"unexpected keys \[task_reader\."):  # reader weights, pooled config
         Checkpoint.from_state_dict(reader_config(variant, reader=None), ckpt.state_dict)
+
+
+def test_a_pooled_skip_starts_as_the_pooled_hypernetwork_and_round_trips(tmp_path):
+    """With pooled_skip the first token's state feeds the task code and the reader's part starts at zero: a
+    fresh net generates, from token states, exactly what a pooled net with the same trunk and heads generates
+    from the first state; once the reader's part moves, the other tokens count. The field is written only
+    when set, so a reader config without it keeps its hash."""
+    skip = ReaderSpec(latents=4, width=16, heads=2, layers=1, max_tokens=64, pooled_skip=True)
+    assert "pooled_skip" not in reader_config().to_dict()["reader"]
+    assert reader_config(reader=skip).to_dict()["reader"]["pooled_skip"] is True
+    with pytest.raises(ConfigError, match="reader.pooled_skip must be true or false"):
+        ReaderSpec(pooled_skip="yes")
+    torch.manual_seed(0)
+    net = build_hypernet(reader_config(reader=skip))
+    pooled = build_hypernet(reader_config(reader=None))
+    own = net.state_dict()
+    shared = {k: own[k] for k in pooled.state_dict() if k in own}
+    shared.update({k: own["task_reader.first." + k.removeprefix("task_encoder.")]
+                   for k in pooled.state_dict() if k.startswith("task_encoder.")})
+    pooled.load_state_dict(shared)
+    states = torch.nn.functional.normalize(torch.randn(3, 6, 384), dim=-1)
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    with torch.no_grad():
+        got, want = net.forward_tokens(states, mask), pooled(states[:, 0])
+        for m in want:
+            assert torch.allclose(got[m][0], want[m][0], atol=1e-6) and torch.allclose(got[m][1], want[m][1], atol=1e-6)
+        net.task_reader.out[1].weight.fill_(1.0)  # the reader's part, once trained, reads the other tokens
+        moved = net.forward_tokens(states, mask)
+        other = states.clone()
+        other[:, 1:] = torch.nn.functional.normalize(torch.randn(3, 5, 384), dim=-1)
+        assert not torch.allclose(net.forward_tokens(other, mask)["q_proj"][1], moved["q_proj"][1])
+    ckpt = Checkpoint.from_module(net, source="skip")
+    loaded = load_checkpoint(ckpt.save(tmp_path / "skip"))
+    assert loaded.config.reader.pooled_skip and loaded.sha256 == ckpt.sha256
 
 
 def test_each_forward_takes_only_its_own_input():

@@ -68,6 +68,9 @@ def add_parsers(sub) -> None:
         sp.add_argument("--reader-layers", type=int, metavar="N", help="reader blocks (default: 2)")
         sp.add_argument("--reader-max-tokens", type=int, metavar="T",
                         help="tokens read per text; a long document's windows are concatenated up to this (default: 1024)")
+        sp.add_argument("--reader-pooled-skip", action="store_const", const=True,
+                        help="also feed the first token's state (the pooled embedding) straight to the task code; the "
+                             "reader's part starts at zero, so training starts from the pooled hypernetwork")
 
     def tasks_arg(sp) -> None:
         sp.add_argument("--tasks", "--suite", dest="suite", required=True, metavar="FILE",
@@ -209,7 +212,7 @@ def _lora_settings(args: argparse.Namespace):
 
 
 READER_FLAGS = {"latents": "--reader-latents", "width": "--reader-width", "heads": "--reader-heads",
-                "layers": "--reader-layers", "max_tokens": "--reader-max-tokens"}
+                "layers": "--reader-layers", "max_tokens": "--reader-max-tokens", "pooled_skip": "--reader-pooled-skip"}
 
 
 def _reader_spec(args: argparse.Namespace):
