@@ -1,4 +1,4 @@
-"""`loragen` command line: serve | worker | generate | try | inspect | convert | train | eval | bench.
+"""`loragen` command line: serve | worker | generate | try | inspect | convert | check-adapter | train | eval | bench.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
 a command runs, so `loragen --help` is instant.
@@ -93,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("source", metavar="T2L_DIR")
     c.add_argument("out", metavar="OUT_DIR")
     checkpoint_args(c)
+
+    k = sub.add_parser("check-adapter", help="check that a PEFT adapter loads, as itself, into PEFT, vLLM or LoRAX")
+    k.add_argument("path", metavar="FILE|DIR", help="a PEFT directory, or a .safetensors file with its config in its "
+                   "metadata (what POST /generate returns)")
+    k.add_argument("--for", dest="consumer", choices=["peft", "vllm", "lorax"], default="peft",
+                   help="where the adapter is going (default peft: a plain LoRA in PEFT's layout)")
+    k.add_argument("--max-lora-rank", type=int, metavar="N", help="the server's --max-lora-rank: r must not exceed it")
 
     # every argument after `bench` goes to the suite (main() hands them over before parsing): `loragen bench --help`
     sub.add_parser("bench", add_help=False,
@@ -312,6 +319,22 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check_adapter(args: argparse.Namespace) -> int:
+    """One line per problem on stdout and exit 2; or one `ok` line and exit 0."""
+    from loragen.check import UnreadableAdapter, run_check
+
+    try:
+        result = run_check(args.path, args.consumer, args.max_lora_rank)
+    except (UnreadableAdapter, ValueError) as e:
+        raise _usage(str(e)) from None
+    for problem in result.problems:
+        print(f"{args.path}: {problem}")
+    if result.problems:
+        return EXIT_USAGE
+    print(f"ok: {args.path} is fit for {args.consumer}: {result.summary}")
+    return 0
+
+
 def _train():
     from generator.train import commands
 
@@ -349,7 +372,7 @@ def _read_embedding(path: str):
 
 
 COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "try": cmd_try, "inspect": cmd_inspect,
-            "convert": cmd_convert,
+            "convert": cmd_convert, "check-adapter": cmd_check_adapter,
             "train": lambda args: _train().cmd_train(args), "eval": lambda args: _train().cmd_eval(args)}
 
 if __name__ == "__main__":
