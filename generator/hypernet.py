@@ -137,8 +137,9 @@ class TokenReader(nn.Module):
         self.blocks = nn.ModuleList([ReaderBlock(w, spec.heads, dropout) for _ in range(spec.layers)])
         self.ln_f = nn.LayerNorm(w)
         self.out = nn.Sequential(nn.Linear(spec.latents * w, d), nn.LayerNorm(d))
-        if spec.pooled_skip:  # the first token's state feeds the code directly; the reader's part starts at zero
-            self.first = TaskEncoderHead(e, d)
+        # with pooled_skip the first token's state feeds the code directly and the reader's part starts at zero
+        self.first = TaskEncoderHead(e, d) if spec.pooled_skip else None
+        if self.first is not None:
             nn.init.zeros_(self.out[1].weight)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -150,7 +151,7 @@ class TokenReader(nn.Module):
         for block in self.blocks:
             x = block(x, tokens, mask)  # (B, Q, W)
         code = self.out(self.ln_f(x).flatten(1))  # (B, Q*W) → (B, D/2)
-        return code + self.first(states[:, 0]) if hasattr(self, "first") else code
+        return code if self.first is None else code + self.first(states[:, 0])
 
 
 def _embedding(n: int, d: int) -> nn.Sequential:
