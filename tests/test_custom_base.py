@@ -333,6 +333,9 @@ def test_train_lora_on_a_task_file_with_lora_settings(bases, tmp_path, capsys):
     ("lora", ["--template", "{input"], "is not a format string"),
     ("lora", ["--rank", "0"], "LoRA rank must be a positive integer"),
     ("recon", ["--alpha", "-1"], "LoRA alpha must be a positive number"),
+    ("sft", ["--dropout", "1"], "dropout must be at least 0 and below 1, got 1.0"),
+    ("recon", ["--dropout", "-0.1"], "dropout must be at least 0 and below 1, got -0.1"),
+    ("sft", ["--weight-decay", "-1"], "--weight-decay must be at least 0, got -1.0"),
 ])
 def test_bad_lora_and_template_flags_are_one_line(stage, flags, needle, bases, tmp_path, capsys):
     argv = ["train", stage, "--tasks", str(bases["tasks"]), "--base", str(bases["llama"]), "--out", str(tmp_path / "out"),
@@ -340,6 +343,28 @@ def test_bad_lora_and_template_flags_are_one_line(stage, flags, needle, bases, t
     argv += {"lora": ["--task", "reverse"], "recon": ["--library", str(bases["root"])], "sft": []}[stage]
     rc, err = _cli(argv, capsys)
     assert rc == 2 and err.count("\n") == 1 and needle in err, err
+
+
+def test_sft_dropout_changes_the_training_not_the_checkpoint_config(bases, tmp_path):
+    """--dropout regularises the hypernetwork while it trains (the weights end elsewhere than without it)
+    and is not part of the checkpoint it writes: the config is the same as without it."""
+    from safetensors.torch import load_file
+
+    from generator.train.conditioning import hyper_config, training_table
+    from generator.train.loop import LoopConfig
+    from generator.train.lora import LoraSettings
+    from generator.train.sft import train_sft
+
+    suite = _suite(bases)
+    config = hyper_config(bases["llama"], lora=LoraSettings(("q_proj", "v_proj"), 4, 8), latent=16, head_in=32)
+    table = training_table(config, suite)
+    cfg = LoopConfig(steps=4, lr=1e-2, warmup=1, ckpt_every=0, log_every=2, progress=False)
+    logs = {p: train_sft(config, suite, bases["llama"], tmp_path / str(p), cfg, batch_size=4, table=table, dropout=p)
+            for p in (0.0, 0.5)}
+    assert logs[0.5]["dropout"] == 0.5 and logs[0.0]["dropout"] == 0.0
+    plain, dropped = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("0.0", "0.5"))
+    assert plain.keys() == dropped.keys() and any(not torch.equal(plain[k], dropped[k]) for k in plain)
+    assert (tmp_path / "0.0" / "config.json").read_text() == (tmp_path / "0.5" / "config.json").read_text()
 
 
 # ------------------------------------------------------------------------------------------ resume

@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from generator.errors import InputError
 from generator.train.basemodel import Codec, base_config, build_tokenizer, canonical, collate, completion_loss, greedy, prompt
 from generator.train.functional import FunctionalLora, read_peft, stack
 from generator.train.loop import LoopConfig, train_loop
@@ -132,6 +133,88 @@ def test_training_loop_resumes_exactly(tmp_path):
     for p, q in zip(straight.parameters(), resumed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
     assert not (tmp_path / "b" / "train_state.pt").exists()
+
+
+def test_focus_weights_follow_each_tasks_completion_loss():
+    """Focused pretraining draws a task in proportion to its completion loss on a fixed probe, above a
+    uniform floor: the weights are exactly (1 - focus)/N + focus * loss / total loss, with each task's loss
+    measured as `completion_loss` measures it."""
+    from generator.train.basemodel import FOCUS_PROBE, _focus_weights
+
+    suite = build_suite(seed=1, n_train=12, n_eval=4)
+    tasks = suite.tasks[:9]
+    tok = build_tokenizer(d for t in tasks for d in suite.base_instructions(t))
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(base_config(len(tok), hidden=32, layers=2, heads=2, intermediate=64)).eval()
+    codec = Codec(tok)
+    weights = _focus_weights(model, codec, suite, tasks, 0.6, 1, batch_size=5)  # batches cut across tasks
+    losses = []
+    with torch.no_grad():
+        for t in tasks:
+            ex = suite.train_examples[t]
+            seqs = [codec.sequence([ex[j]], suite.base_instructions(t)[0]) for j in range(FOCUS_PROBE)]
+            ids, mask = collate(seqs)
+            logits = model(input_ids=ids, attention_mask=(ids != 0).long()).logits[:, :-1]
+            nll = torch.nn.functional.cross_entropy(logits[mask[:, 1:]], ids[:, 1:][mask[:, 1:]], reduction="sum")
+            losses.append(float(nll) / int(mask[:, 1:].sum()))
+    expected = [0.4 / len(tasks) + 0.6 * v / sum(losses) for v in losses]
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights == pytest.approx(expected, rel=1e-5)
+    assert min(weights) >= 0.4 / len(tasks)  # never starved
+
+
+def test_focused_pretraining_changes_the_draw_and_resumes_exactly(tmp_path):
+    """With focus, pretraining ends elsewhere than with uniform draws (the focus weights are used); a run
+    interrupted by a real Ctrl-C once its first resume state is written, and run again, ends with the
+    weights of a run that never stopped (the weights are measured again at the resumed step)."""
+    import _thread
+    import signal
+
+    from safetensors.torch import load_file
+
+    from generator.train.basemodel import pretrain_base
+    from generator.train.loop import STATE
+    from generator.train.suite import Suite
+
+    suite = build_suite(seed=2, n_train=12, n_eval=4)
+    cfg = LoopConfig(steps=12, lr=3e-3, warmup=2, ckpt_every=4, log_every=4, progress=False)
+    size = dict(batch_size=4, pack=1, hidden=32, layers=2, heads=2, intermediate=64)
+    state = tmp_path / "resumed" / STATE
+
+    class InterruptOnceStateIsWritten(Suite):
+        """The same suite, which sends Ctrl-C (to the main thread, as a terminal does) when a sequence is
+        drawn after the loop's first resume file appears."""
+
+        sent = False
+
+        def base_instructions(self, task):
+            if not self.sent and state.exists():
+                type(self).sent = True
+                _thread.interrupt_main()
+            return super().base_instructions(task)
+
+    def weights(name):
+        return load_file(str(tmp_path / name / "model.safetensors"))
+
+    pretrain_base(suite, tmp_path / "straight", cfg, focus=0.8, **size)
+    pretrain_base(suite, tmp_path / "uniform", cfg, focus=0.0, **size)
+    interrupting = InterruptOnceStateIsWritten(**suite.__dict__)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pretrain_base(interrupting, tmp_path / "resumed", cfg, focus=0.8, **size)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert InterruptOnceStateIsWritten.sent and state.exists()
+    log = pretrain_base(suite, tmp_path / "resumed", cfg, focus=0.8, **size)
+    assert log["resumed_from"] == 4 and log["focus"] == 0.8 and not state.exists()
+    straight, resumed, uniform = weights("straight"), weights("resumed"), weights("uniform")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert any(not torch.equal(straight[k], uniform[k]) for k in straight)
+    with pytest.raises(InputError, match="focus"):
+        pretrain_base(suite, tmp_path / "bad", cfg, focus=1.5, **size)
 
 
 @pytest.fixture(scope="module")

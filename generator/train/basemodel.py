@@ -148,11 +148,17 @@ def _first_line(e: BaseException) -> str:
 
 
 def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_size: int = 32, pack: int = 3,
-                  hidden: int = 128, layers: int = 4, heads: int = 4, intermediate: int = 384) -> dict:
+                  hidden: int = 128, layers: int = 4, heads: int = 4, intermediate: int = 384, focus: float = 0.0) -> dict:
     """Pretrain a fresh tiny Llama on instruction-prefixed examples of every task (seen and held out),
     each prefixed by one of the task's base instructions (`Suite.base_instructions`: the suite's training
     descriptions, or a universe's task programs), never an evaluation text; save it with its tokenizer in
-    Hugging Face format."""
+    Hugging Face format.
+
+    `focus` (0 to 1) spends that share of the training sequences on the tasks the model gets wrong: every
+    `FOCUS_EVERY` steps (and at a resumed start, so a resumed run samples as an uninterrupted one) each
+    task's completion loss is measured on a fixed probe of its training examples, and tasks are drawn in
+    proportion to it for that share, uniformly for the rest. Tasks already learned stop taking steps from
+    the ones that are not. 0 draws every task uniformly."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -163,18 +169,61 @@ def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_s
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(base_config(len(tokenizer), hidden, layers, heads, intermediate))
 
+    if not 0.0 <= focus <= 1.0:
+        raise InputError(f"focus must be between 0 and 1, got {focus}")
+    tasks = list(suite.tasks)
+    weights: list[float] | None = None  # task sampling weights of the current focus period
+    refresh = cfg.ckpt_every or FOCUS_EVERY  # a period starts at every resume point
+
     def loss_at(step, rng):
+        nonlocal weights
+        if focus and (weights is None or step % refresh == 0):
+            weights = _focus_weights(model, codec, suite, tasks, focus, pack)
         seqs = []
         for _ in range(batch_size):
-            task = rng.choice(suite.tasks)
+            task = rng.choices(tasks, weights)[0] if weights else rng.choice(tasks)
             pairs = [rng.choice(suite.train_examples[task]) for _ in range(pack)]
             seqs.append(codec.sequence(pairs, rng.choice(suite.base_instructions(task))))
         return completion_loss(model, *collate(seqs))
 
     log = train_loop(model, loss_at, cfg, out, name=PRETRAINING,
-                     extra_log={"params": sum(p.numel() for p in model.parameters())})
+                     extra_log={"params": sum(p.numel() for p in model.parameters()), "focus": focus})
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return log
 
 
+
+
+FOCUS_EVERY = 250  # steps between focus measurements when the loop writes no periodic checkpoint
+FOCUS_PROBE = 4  # training examples per task in a focus measurement
+
+
+@torch.no_grad()
+def _focus_weights(model, codec: Codec, suite: Suite, tasks: list[str], focus: float, pack: int, *,
+                   batch_size: int = 128) -> list[float]:
+    """Sampling weights over `tasks`: (1 - focus) uniform plus `focus` in proportion to each task's mean
+    completion loss on a fixed probe (its first FOCUS_PROBE training examples, its first instruction).
+    A function of the model's weights only, so a resumed run recomputes exactly what it had."""
+    import torch.nn.functional as F
+
+    seqs, owner = [], []
+    for i, task in enumerate(tasks):
+        examples = suite.train_examples[task]
+        for j in range(FOCUS_PROBE):
+            pairs = [examples[(j * pack + k) % len(examples)] for k in range(pack)]
+            seqs.append(codec.sequence(pairs, suite.base_instructions(task)[0]))
+            owner.append(i)
+    totals = torch.zeros(len(tasks), dtype=torch.float64)
+    counts = torch.zeros(len(tasks), dtype=torch.float64)
+    for a in range(0, len(seqs), batch_size):
+        ids, mask = collate(seqs[a:a + batch_size])
+        logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1]
+        target = mask[:, 1:]
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * target  # (b, T-1)
+        rows = torch.tensor(owner[a:a + batch_size])
+        totals.index_add_(0, rows, nll.sum(1).double())
+        counts.index_add_(0, rows, target.sum(1).double())
+    loss = totals / counts.clamp(min=1)
+    share = loss / loss.sum() if float(loss.sum()) > 0 else torch.full_like(loss, 1 / len(tasks))
+    return ((1 - focus) / len(tasks) + focus * share).tolist()

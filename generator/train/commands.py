@@ -91,6 +91,8 @@ def add_parsers(sub) -> None:
     b.add_argument("--layers", type=int, default=4)
     b.add_argument("--pack", type=int, default=3, help="examples per training sequence, after one instruction; 1 makes "
                    "every answer depend on the instruction, more lets later answers copy the task from earlier ones")
+    b.add_argument("--focus", type=float, default=0.0, help="share of the training sequences drawn in proportion to "
+                   "each task's loss, measured again at every checkpoint (0 to 1; default 0: every task alike)")
     loop_args(b, 1500, 2e-3)
 
     lo = stages.add_parser("lora", help="oracle LoRA(s) with PEFT: one task, several (multi-task), or --all")
@@ -120,6 +122,9 @@ def add_parsers(sub) -> None:
                        help="how the encoder's token states become one task embedding: its first token's state (T2L's "
                             "way, default) or their mean (how the demo's MiniLM encoder was trained to embed sentences)")
         reader_args(h)
+        h.add_argument("--dropout", type=float, default=0.0, help="dropout inside the hypernetwork while it trains "
+                       "(its input mixer, residual blocks and reader; none at generation), 0 to <1 (default 0)")
+        h.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the hypernetwork (default 0)")
         loop_args(h, steps, 1e-3)
 
     d = stages.add_parser("demo", help="build the whole demo bundle (suite, base, library, T2L recon + SFT, eval)")
@@ -155,7 +160,8 @@ def _loop(args: argparse.Namespace):
     from generator.train.loop import LoopConfig
 
     return LoopConfig(steps=args.steps, lr=args.lr, seed=args.seed, ckpt_every=args.ckpt_every,
-                      progress=not args.quiet, warmup=min(100, max(1, args.steps // 10)))
+                      progress=not args.quiet, warmup=min(100, max(1, args.steps // 10)),
+                      weight_decay=getattr(args, "weight_decay", 0.0))
 
 
 def _suite(path: str, seed: int = 0):
@@ -290,6 +296,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.steps < 1 or args.batch_size < 1:
         raise InputError("--steps and --batch-size must be positive")
+    if args.stage in ("recon", "sft"):
+        from generator.train.sft import check_dropout
+
+        check_dropout(args.dropout)  # flags first: before any file is read
+        if args.weight_decay < 0:
+            raise InputError(f"--weight-decay must be at least 0, got {args.weight_decay}")
     suite = _suite(args.suite, args.seed)
     if args.stage == "base":
         from generator.train.basemodel import pretrain_base
@@ -297,7 +309,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.pack < 1:
             raise InputError("--pack must be positive")
         log = pretrain_base(suite, args.out, _loop(args), batch_size=args.batch_size, pack=args.pack, hidden=args.hidden,
-                            layers=args.layers, heads=max(1, args.hidden // 32), intermediate=3 * args.hidden)
+                            layers=args.layers, heads=max(1, args.hidden // 32), intermediate=3 * args.hidden,
+                            focus=args.focus)
     elif args.stage == "lora":
         from generator.train.lora import train_library, train_lora
 
@@ -327,12 +340,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             from generator.train.recon import train_recon
 
             log = train_recon(config, suite, _dir(args.library, "library", "_multitask"), args.out, _loop(args),
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, dropout=args.dropout)
         else:
             from generator.train.sft import train_sft
 
             log = train_sft(config, suite, base, args.out, _loop(args), batch_size=args.batch_size,
-                            document_share=args.document_share, template=template)
+                            document_share=args.document_share, template=template, dropout=args.dropout)
     print(f"wrote {args.out}: loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} in {log['elapsed_s']:.0f} s "
           f"(train_log.json, loss.png)")
     return 0

@@ -69,7 +69,8 @@ class DemoConfig:
     def universe_build(cls, seed: int = 0) -> DemoConfig:
         """The full build on the task universe. The base model reads each task's program and sees one
         example per sequence, so every completion depends on the program (packed examples would let it copy
-        the task from earlier pairs). Evaluated tasks and a small sample of seen ones get an oracle. The
+        the task from earlier pairs); focused draws spend most of its steps on the tasks it gets wrong.
+        Evaluated tasks and a small sample of seen ones get an oracle. The
         hypernetworks read pooled embeddings: with the same steps, token-reader SFT learned far less
         (docs/training.md)."""
         from dataclasses import replace
@@ -79,7 +80,7 @@ class DemoConfig:
         return replace(cls(), universe=UniverseConfig(), n_train_examples=200, base=base, sft=sft, n_recon_library=16,
                        lora=LoopConfig(steps=60, lr=5e-3, warmup=10, ckpt_every=0, log_every=10),
                        base_size={"hidden": 160, "layers": 4, "heads": 5, "intermediate": 480,
-                                  "batch_size": 64, "pack": 1}).with_seed(seed)
+                                  "batch_size": 64, "pack": 1, "focus": 0.6}).with_seed(seed)
 
     @classmethod
     def scaled_down_universe(cls, seed: int = 0) -> DemoConfig:

@@ -16,14 +16,17 @@ from generator.hypernet import build_hypernet
 from generator.train.conditioning import Table, check_table, training_table
 from generator.train.functional import peft_settings, read_peft
 from generator.train.loop import LoopConfig, train_loop
+from generator.train.sft import check_dropout
 from generator.train.suite import Suite
 
 
 def train_recon(config: HyperConfig, suite: Suite, library: str | Path, out_dir: str | Path, cfg: LoopConfig, *,
-                batch_size: int = 32, table: Table | None = None, tasks: Sequence[str] | None = None) -> dict:
+                batch_size: int = 32, table: Table | None = None, tasks: Sequence[str] | None = None,
+                dropout: float = 0.0) -> dict:
     """Train on the library adapters of `tasks` (default: every seen task), conditioned on their training
     descriptions. Default table: the training table, of token states when `config` has a token reader (config.reader),
-    else of pooled embeddings."""
+    else of pooled embeddings. `dropout`: inside the hypernetwork while it trains (see `check_dropout`)."""
+    check_dropout(dropout)
     if tasks is None:
         tasks = suite.seen
     unseen = sorted(set(tasks) - set(suite.seen))
@@ -38,7 +41,7 @@ def train_recon(config: HyperConfig, suite: Suite, library: str | Path, out_dir:
     table = table or training_table(config, suite)
     check_table(config, table)
     torch.manual_seed(cfg.seed)
-    net = build_hypernet(config)
+    net = build_hypernet(config, dropout)
 
     def loss_at(step, rng):
         picks = [rng.choice(tasks) for _ in range(batch_size)]
@@ -51,7 +54,7 @@ def train_recon(config: HyperConfig, suite: Suite, library: str | Path, out_dir:
         return loss / (2 * len(pred))
 
     log = train_loop(net, loss_at, cfg, out_dir, name="T2L reconstruction",
-                     extra_log={"tasks": tasks, "base_model": config.base_model,
+                     extra_log={"tasks": tasks, "base_model": config.base_model, "dropout": dropout,
                                 "table": {"texts": len(table.index), "sha256": table.digest}})
     Checkpoint.from_module(net, source=str(out_dir)).save(out_dir)
     return log

@@ -36,19 +36,29 @@ def zero_b_heads(net: HyperLoRA) -> None:
             head.bias[c.r * m.d_in:].zero_()
 
 
+def check_dropout(dropout: float) -> None:
+    """Training-time dropout of a hypernetwork: on its input mixer (the task code beside the layer and module
+    codes), in its residual blocks and in a token reader; a regulariser only, never part of the checkpoint
+    (generation runs in eval mode). InputError unless 0 <= dropout < 1."""
+    if not 0.0 <= dropout < 1.0:
+        raise InputError(f"dropout must be at least 0 and below 1, got {dropout}")
+
+
 def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: str | Path, cfg: LoopConfig, *,
               batch_size: int = 32, pack: int = 2, document_share: float = 0.3, table: Table | None = None,
-              template: str = "auto") -> dict:
+              template: str = "auto", dropout: float = 0.0) -> dict:
     """Train on the suite's seen tasks; conditioning is a training description, or with probability
     `document_share` a training document (so documents work as input too). Examples are written in the
     prompt format `template` names for the base (see prompting.py). Default table: the training table, of
-    token states when `config` has a token reader (config.reader), else of pooled embeddings."""
+    token states when `config` has a token reader (config.reader), else of pooled embeddings. `dropout`:
+    inside the hypernetwork while it trains (see `check_dropout`)."""
+    check_dropout(dropout)
     model, fmt = load_base(base_dir, template)
     tasks = suite.seen
     table = table or training_table(config, suite)
     check_table(config, table)
     torch.manual_seed(cfg.seed)
-    net = build_hypernet(config)
+    net = build_hypernet(config, dropout)
     zero_b_heads(net)
     lora = FunctionalLora(model, config.target_modules, config.scaling)
 
@@ -67,7 +77,7 @@ def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: 
         provenance = {"prompt_format": fmt.name, "base_model": config.base_model,
                       "table": {"texts": len(table.index), "sha256": table.digest}}  # what training could condition on
         log = train_loop(net, loss_at, cfg, out_dir, name="T2L SFT",
-                         extra_log={"tasks": tasks, "document_share": document_share, **provenance})
+                         extra_log={"tasks": tasks, "document_share": document_share, "dropout": dropout, **provenance})
     finally:
         lora.remove()
     Checkpoint.from_module(net, source=str(out_dir)).save(out_dir)
