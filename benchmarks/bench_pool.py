@@ -252,7 +252,7 @@ def sanity(gen: LoraGenerator, inputs: Inputs, dn: str) -> dict:
 def bench_dtype(ckpt: Checkpoint, dn: str, inputs: Inputs, args) -> dict:
     gen = LoraGenerator(ckpt, compute_dtype=DTYPES[dn])
     n = args.jobs[dn]
-    # float32 generators run every input as its own forward pass (batch-invariant bytes); absent before 3b97e85
+    # float32 generators are batch-invariant: they batch through the exact forward
     res: dict = {"n_jobs": n, "repeats": args.repeats, "batch_invariant": getattr(gen, "batch_invariant", None)}
     res["sanity"] = sanity(gen, inputs, dn)
     print(f"  {dn}: batch_invariant {res['batch_invariant']}; sanity {res['sanity']}", flush=True)

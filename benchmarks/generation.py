@@ -5,12 +5,11 @@ batch size B:
   ideal     every Linear of the forward timed alone, `F.linear(x, W, b)` with the network's own W and b and
             a contiguous x of the rows it sees; summed over the forward's Linears: the time the forward
             would take at the machine's measured matmul rate (the rate = FLOPs / that time)
-  forward   `net(emb)`: the hypernetwork alone
+  forward   the hypernetwork alone, as `generate` runs it: `net(emb, exact=True)` in float32 (the exact
+            batched forward: every input's bytes as if it ran alone), `net(emb)` in bfloat16
   generate  `LoraGenerator.generate(inputs, "float32")`: LoraAdapter objects, float32 output
   e2e       generate, then `safetensors_bytes()` of every adapter (what the service stores and sends)
 adapters/s = B / median time; efficiency = ideal time / measured time (1.0 = running at the matmul rate).
-float32 is the exact mode: `generate` runs each input as its own forward pass (batch-invariant bytes), so
-its generate/e2e rows cannot gain from batching while its forward row can.
 
 Output dtype: at the Mistral dims, the same generate + serialise with float32 and with bfloat16 output.
 """
@@ -96,7 +95,7 @@ def measure(gen: LoraGenerator, emb: torch.Tensor, args) -> dict:
 
     def forward():
         with torch.inference_mode():
-            return time_calls(lambda: gen.net(x), args.warmup, args.reps(b), dev)
+            return time_calls(lambda: gen.net(x, exact=gen.batch_invariant), args.warmup, args.reps(b), dev)
 
     t_fwd, load, attempts = guarded(args, forward)
     row["forward"] = {**stats(t_fwd), "other_load_cores": load, "attempts": attempts}

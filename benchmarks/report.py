@@ -53,6 +53,71 @@ def targets(r: dict) -> list[dict]:
                                 + (f", its own floor against a bare server {floor['httpx']['p50_ms']:.2f} ms"
                                    if floor.get("httpx") else ""),
                     "met": judged["p50_ms"] <= 2 * rb["p50_ms"]})
+    return out + batching_targets(r)
+
+
+def _headline(rows: dict, clients: int) -> str:
+    """The row key of `clients` clients (or batch size), else the largest measured."""
+    return str(clients) if str(clients) in rows else max(rows, key=int)
+
+
+def batching_targets(r: dict) -> list[dict]:
+    """The targets of the batching and processes sections: float32 over HTTP and bfloat16 compute against the
+    one-at-a-time float32 path, the exact forward against the float32 matmul rate, HTTP against generate() on a
+    GPU (met None: not measured)."""
+    out = []
+    settings = r.get("settings", {})
+    c16 = settings.get("processes_clients", 16)
+    bt = r.get("batching")
+    if bt:
+        rows = bt["http"]["rows"]
+        c = _headline(rows, c16)
+        new, old = rows[c]["exact"], rows[c]["one_at_a_time"]
+        inp = bt["in_process"].get(c) or {}
+        ratio = new["per_s"] / old["per_s"]
+        out.append({"target": f"float32, default settings over HTTP, {c} clients: >= 1.5x faster per adapter than the "
+                              "one-at-a-time float32 path",
+                    "measured": f"{new['ms_per_adapter']:.1f} vs {old['ms_per_adapter']:.1f} ms per adapter = "
+                                f"{ratio:.2f}x ({bt['http']['client']} clients, cache misses)"
+                                + (f"; in process at B={c}: {inp['e2e_exact']['ms_per_adapter']:.1f} vs "
+                                   f"{inp['e2e_one_at_a_time']['ms_per_adapter']:.1f} ms" if inp else ""),
+                    "met": ratio >= 1.5})
+        ip = bt["in_process"]
+        b = _headline(ip, c16)
+        x = ip[b]
+        eff = x["forward_exact"]["efficiency"]
+        out.append({"target": "float32 exact forward >= 60% of the machine's float32 matmul rate at the batched shape",
+                    "measured": f"B={b}: {100 * eff:.0f}% ({x['forward_exact']['gflops']:.0f} of "
+                                f"{x['matmul_gflops']:.0f} GFLOP/s); "
+                                + ", ".join(f"B={k} {100 * v['forward_exact']['efficiency']:.0f}%" for k, v in ip.items()),
+                    "met": eff >= 0.60})
+        bf = bt["http"].get("bfloat16")
+        if bf:
+            ratio = bf["per_s"] / old["per_s"]
+            out.append({"target": f"bfloat16 compute over HTTP, {bf['clients']} clients: >= 3x the one-at-a-time float32 "
+                                  "path",
+                        "measured": f"{bf['ms_per_adapter']:.1f} vs {old['ms_per_adapter']:.1f} ms per adapter = "
+                                    f"{ratio:.2f}x (bfloat16 output, its default: {bf['bytes'][0]:,} bytes)"
+                                    + ("; this CPU has no bfloat16 instructions (no AVX512_BF16, AMX-BF16 or Arm BF16): "
+                                       "torch emulates bfloat16 matmuls" if bf.get("cpu_native_bfloat16") is False else ""),
+                        "met": ratio >= 3.0})
+    pr = r.get("processes")
+    if pr:
+        for dn, d in pr["dtypes"].items():
+            best = max(d["rows"].items(), key=lambda kv: kv[1]["per_s"])
+            g = d.get("generate")
+            target = (f"on a GPU, HTTP cache misses >= 50% of generate()'s rate at the same batch size ({dn}, "
+                      f"max_batch_size {pr['batch_size']})")
+            if g is None:
+                out.append({"target": target, "met": None,
+                            "measured": "not measured: no GPU here; misses/s by API processes: "
+                                        + ", ".join(f"{k}: {v['per_s']:.2f}" for k, v in d["rows"].items())})
+            else:
+                ratio = best[1]["per_s"] / g["adapters_per_s"]
+                out.append({"target": target, "met": ratio >= 0.5,
+                            "measured": f"{best[1]['per_s']:.1f} misses/s with {best[0]} API process(es) vs "
+                                        f"generate() {g['adapters_per_s']:.1f}/s = {100 * ratio:.0f}%; "
+                                        + ", ".join(f"{k}: {v['per_s']:.1f}/s" for k, v in d["rows"].items())})
     return out
 
 
@@ -69,8 +134,9 @@ def _miss_target(dn: str, where: str, x: dict, http: dict) -> dict:
     if curl:
         measured += f"; {http['concurrency']} httpx clients: {hx['per_s']:.2f} = {100 * hx['per_s'] / inp:.1f}%"
     out = http.get("output_dtype", "float32")
+    default = "bfloat16" if dn == "bfloat16" else "float32"  # the API's default output: the compute dtype
     return {"target": f"HTTP cache-miss throughput >= 85% of in-process at the same batch size ({dn}; {where}; "
-                      f"{client}" + ("" if out == "float32" else f"; {out} output, not the API's default") + ")",
+                      f"{client}; {out} output" + ("" if out == default else ", not the API's default") + ")",
             "measured": measured, "met": ratio >= 0.85}
 
 
@@ -97,7 +163,14 @@ def markdown(r: dict) -> str:
                   "measured.**"]
     if r.get("targets"):
         lines += ["", "| target | measured | met |", "|---|---|---|"]
-        lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |" for t in r["targets"]]
+        verdict = {True: "yes", False: "**no**", None: "not measured"}
+        lines += [f"| {t['target']} | {t['measured']} | {verdict[t['met']]} |" for t in r["targets"]]
+    if "batching" in r or "processes" in r:
+        lines += ["", summary_markdown(r)]
+    if "batching" in r:
+        lines += ["", batching_markdown(r)]
+    if "processes" in r:
+        lines += ["", processes_markdown(r)]
     if "generation" in r:
         lines += ["", "**Generation** (random weights, embeddings given; efficiency = time of the forward's "
                   "matmuls alone at the measured rate / measured time; generate = to LoraAdapter objects, float32 "
@@ -233,4 +306,117 @@ def markdown(r: dict) -> str:
                           f"every GET with {floor['bytes']:,} bytes from memory, one httpx client (this suite's loop) "
                           f"takes {floor['httpx']['p50_ms']:.2f} ms p50"
                           + (f", curl {floor['curl']['p50_ms']:.2f} ms." if floor.get("curl") else ".")]
+    return "\n".join(lines)
+
+
+def _cpu(x: dict) -> str:
+    cpu = x.get("cpu_ms_per_request", {})
+    return " / ".join(_f(cpu.get(k), ".1f") for k in ("server", "redis", "client"))
+
+
+def batching_markdown(r: dict) -> str:
+    bt = r["batching"]
+    lines = [f"**float32 batching** ({bt['dims']}; float32 compute and output; exact: the batch through the exact "
+             "forward, what float32 generation runs; one at a time: each input its own plain forward, how float32 "
+             "generated before; median [IQR]):", "",
+             "| B | matmul GFLOP/s at the batched shapes | exact forward adapters/s | eff. | one-at-a-time forward "
+             "adapters/s | exact e2e adapters/s | ms/adapter | one-at-a-time e2e adapters/s | ms/adapter | e2e speedup "
+             "| other cores |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, x in bt["in_process"].items():
+        cells = [b, f"{x['matmul_gflops']:.0f}"]
+        for k in ("forward_exact", "forward_one_at_a_time", "e2e_exact", "e2e_one_at_a_time"):
+            lo, hi = x[k]["adapters_per_s_iqr"]
+            cells.append(f"{x[k]['adapters_per_s']:.2f} [{lo:.2f}–{hi:.2f}]")
+            if k == "forward_exact":
+                cells.append(f"{100 * x[k]['efficiency']:.0f}%")
+            if k.startswith("e2e"):
+                cells.append(f"{x[k]['ms_per_adapter']:.1f}")
+        cells += [f"{x['e2e_speedup']:.2f}×", _load(x["other_load_cores"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    h = bt["http"]
+    lines += ["", f"Over HTTP (`loragen serve`, its own Redis, full; {h['client']} clients, one per batch slot; cache "
+              "misses, embedding inputs, no dtype named; misses/s median [min–max]; CPU per miss of the server / "
+              "Redis / the clients):", "",
+              "| clients | one at a time: misses/s | ms/adapter | exact: misses/s | ms/adapter | speedup | exact p50 ms "
+              "| exact p99 ms | CPU ms/miss, exact | CPU ms/miss, one at a time | other cores |",
+              "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, row in h["rows"].items():
+        old, new = row["one_at_a_time"], row["exact"]
+        lines.append(f"| {c} | {old['per_s']:.2f} [{old['per_s_range'][0]:.2f}–{old['per_s_range'][1]:.2f}] | "
+                     f"{old['ms_per_adapter']:.1f} | {new['per_s']:.2f} [{new['per_s_range'][0]:.2f}–"
+                     f"{new['per_s_range'][1]:.2f}] | {new['ms_per_adapter']:.1f} | {new['per_s'] / old['per_s']:.2f}× | "
+                     f"{new['p50_ms']:.1f} | {new['p99_ms']:.1f} | {_cpu(new)} | {_cpu(old)} | "
+                     f"{_load(old['other_load_cores'] + new['other_load_cores'])} |")
+    bf = h.get("bfloat16")
+    if bf:
+        lines += ["", f"bfloat16 compute (bfloat16 output, its default; {bf['bytes'][0]:,} bytes per adapter), "
+                  f"{bf['clients']} clients: {bf['per_s']:.2f} misses/s [{bf['per_s_range'][0]:.2f}–"
+                  f"{bf['per_s_range'][1]:.2f}], {bf['ms_per_adapter']:.1f} ms per adapter, p50 {bf['p50_ms']:.1f} ms; "
+                  f"CPU ms/miss {_cpu(bf)}; other cores {_load(bf['other_load_cores'])}."]
+    return "\n".join(lines)
+
+
+def processes_markdown(r: dict) -> str:
+    pr = r["processes"]
+    lines = [f"**API processes** (`loragen serve --api-processes N`: N API processes on the port and one model worker "
+             f"through the Redis job stream; 1: one process that generates; max_batch_size {pr['batch_size']}, "
+             f"{pr['clients']} {pr['client']} clients, {pr['n']} cache misses per run, embedding inputs, default "
+             "output dtype; CPU per miss summed over all the server's processes):", "",
+             "| compute | API processes | processes | misses/s | ms/adapter | p50 ms | p99 ms | CPU ms/miss: server / "
+             "Redis / clients | start s | other cores |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for dn, d in pr["dtypes"].items():
+        for k, x in d["rows"].items():
+            lines.append(f"| {dn} | {k} | {x['processes']} | {x['per_s']:.2f} [{x['per_s_range'][0]:.2f}–"
+                         f"{x['per_s_range'][1]:.2f}] | {x['ms_per_adapter']:.1f} | {x['p50_ms']:.1f} | "
+                         f"{x['p99_ms']:.1f} | {_cpu(x)} | {x['start_s']:.0f} | {_load(x['other_load_cores'])} |")
+        g = d.get("generate")
+        if g:
+            lines += ["", f"{dn} `generate()` in process, B={g['batch']}: {g['adapters_per_s']:.1f} adapters/s."]
+    return "\n".join(lines)
+
+
+def summary_markdown(r: dict) -> str:
+    """One table of the batching and processes sections (docs/performance.md shows it per machine): adapters/s
+    and ms per adapter, each against the one-at-a-time float32 path in the same place (in process at the same
+    B; over HTTP at the same number of clients; the API-process rows against one process)."""
+    lines = ["**Summary** (Mistral-7B T2L dims, random weights, task embeddings as input, cache misses; median):", "",
+             "| what | adapters/s | ms per adapter | vs one at a time | other cores |", "|---|---:|---:|---:|---:|"]
+
+    def row(what, rate, base, load):
+        ratio = "–" if base is None else f"{rate / base:.2f}×"
+        lines.append(f"| {what} | {rate:.2f} | {1e3 / rate:.1f} | {ratio} | {_load(load)} |")
+
+    bt = r.get("batching")
+    if bt:
+        for b, x in bt["in_process"].items():
+            old = x["e2e_one_at_a_time"]["adapters_per_s"]
+            row(f"float32 in process, B={b}: one input at a time", old, None, x["other_load_cores"])
+            row(f"float32 in process, B={b}: exact batching (forward at {100 * x['forward_exact']['efficiency']:.0f}% "
+                f"of the {x['matmul_gflops']:.0f} GFLOP/s matmul rate)", x["e2e_exact"]["adapters_per_s"], old,
+                x["other_load_cores"])
+        h = bt["http"]
+        for c, x in h["rows"].items():
+            old = x["one_at_a_time"]["per_s"]
+            row(f"float32 over HTTP, {c} client{'s' if c != '1' else ''}: one input at a time", old, None,
+                x["one_at_a_time"]["other_load_cores"])
+            row(f"float32 over HTTP, {c} client{'s' if c != '1' else ''}: exact batching", x["exact"]["per_s"], old,
+                x["exact"]["other_load_cores"])
+        bf = h.get("bfloat16")
+        base = h["rows"].get(str(bf["clients"]), {}).get("one_at_a_time", {}).get("per_s") if bf else None
+        if bf:
+            row(f"bfloat16 compute over HTTP, {bf['clients']} clients (bfloat16 output)", bf["per_s"], base,
+                bf["other_load_cores"])
+    pr = r.get("processes")
+    if pr:
+        for dn, d in pr["dtypes"].items():
+            base = d["rows"].get("1", {}).get("per_s")
+            for k, x in d["rows"].items():
+                what = "one process" if k == "1" else f"--api-processes {k}"
+                row(f"{dn} over HTTP, {pr['clients']} clients, {what}" + (" (vs one process)" if k != "1" else ""),
+                    x["per_s"], base if k != "1" else None, x["other_load_cores"])
+            g = d.get("generate")
+            if g:
+                row(f"{dn} generate() in process, B={g['batch']}", g["adapters_per_s"], None, g["other_load_cores"])
     return "\n".join(lines)

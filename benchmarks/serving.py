@@ -141,11 +141,27 @@ def _chunks(it, n):
         yield buf
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its children, theirs, ...), from Linux /proc; [] where it cannot be read."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            kids = [int(k) for t in Path(f"/proc/{p}/task").iterdir() for k in (t / "children").read_text().split()]
+        except (OSError, ValueError):
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
 class Server:
-    """`loragen serve` in its own process, ready when /ready says so."""
+    """`loragen serve` in its own process, ready when /ready says so. `argv`: more flags (--api-processes N);
+    `python`: what runs instead of `-m service.cli` (a `-c` program that changes a default, then calls main)."""
 
     def __init__(self, assets: Assets, redis: Redis, compute_dtype: str, args, log: Path,
-                 extra_env: dict[str, str] | None = None, prefix: str | None = None, cpus: set[int] | None = None):
+                 extra_env: dict[str, str] | None = None, prefix: str | None = None, cpus: set[int] | None = None,
+                 argv: list[str] | None = None, python: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.prefix = prefix or f"bench:{uuid.uuid4().hex[:12]}:"
@@ -155,8 +171,8 @@ class Server:
                     "LORAGEN_MAX_BATCH_SIZE": str(args.http_batch), "LORAGEN_MAX_WAIT_MS": "5",
                     "LORAGEN_MAX_PENDING": "4096", "LORAGEN_REQUEST_TIMEOUT_S": "600", "LORAGEN_DEVICE": args.device,
                     **(extra_env or {})})
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--port", str(self.port),
-               "--checkpoint", f"bench={assets.mistral_dir}"]
+        cmd = [sys.executable, *(python or ["-m", "service.cli"]), "serve", "--port", str(self.port),
+               "--checkpoint", f"bench={assets.mistral_dir}", *(argv or [])]
         self._log = open(log, "wb")
         self.log_path = log
         pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))  # before any thread starts
@@ -174,6 +190,10 @@ class Server:
                 self.stop()
                 raise RuntimeError(f"loragen serve not ready after 180 s: {log.read_text()[-2000:]}")
             time.sleep(0.2)
+
+    def pids(self) -> list[int]:
+        """The server's processes: its own and, with --api-processes, those it started."""
+        return [self.proc.pid, *descendants(self.proc.pid)]
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -286,8 +306,9 @@ def summarise_runs(runs: list[dict], n: int) -> dict:
 
 
 def _body(args, **inp) -> bytes:
-    """A POST /v1/adapters body: the input, and the output dtype when it is not the API's default."""
-    return json.dumps({**inp, **({"dtype": args.output_dtype} if args.output_dtype != "float32" else {})}).encode()
+    """A POST /v1/adapters body: the input and the output dtype, always named (the API's default follows the
+    compute dtype, and the in-process rows use --output-dtype)."""
+    return json.dumps({**inp, "dtype": args.output_dtype}).encode()
 
 
 def _embedding_body(e: torch.Tensor, args) -> bytes:
@@ -407,11 +428,12 @@ def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, 
         reqs = make_requests(i)
         if args.wait is not None:
             args.wait()
-        cpu0 = {"server": cpu_s(server.proc.pid), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
+        pids = server.pids()  # with --api-processes: the supervisor, the API processes and the model worker
+        cpu0 = {"server": _sum_cpu(pids), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
                 "client": client_cpu()}
-        with OtherLoad([server.proc.pid, *redis.pids], children=client == "curl") as load:
+        with OtherLoad([*pids, *redis.pids], children=client == "curl") as load:
             out = drive(reqs)
-        cpu1 = {"server": cpu_s(server.proc.pid), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
+        cpu1 = {"server": _sum_cpu(pids), "redis": cpu_s(redis.pids[0]) if redis.pids else None,
                 "client": client_cpu()}
         out["cpu_ms_per_request"] = {k: None if cpu0[k] is None or cpu1[k] is None else 1e3 * (cpu1[k] - cpu0[k]) / n
                                      for k in cpu0}
@@ -436,6 +458,11 @@ def http_phase(server: Server, redis: Redis, label: str, make_requests, n: int, 
           + " / ".join(f"{k} {v:.1f}" for k, v in row["cpu_ms_per_request"].items() if v is not None)
           + f" | other procs' cores {row['other_load_cores']}", flush=True)
     return row
+
+
+def _sum_cpu(pids: list[int]) -> float | None:
+    times = [cpu_s(p) for p in pids]
+    return None if any(t is None for t in times) else sum(times)
 
 
 def redis_benchmark(redis: Redis, size: int, concurrency: int, n: int) -> dict | None:

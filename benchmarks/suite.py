@@ -12,6 +12,9 @@ Sections (each module's docstring says exactly what it times):
   baseline    baseline.py    one process per adapter (`loragen generate`), as with the reference scripts
   http        serving.py     `loragen serve` + Redis on loopback: misses, hits, p50/p95/p99, the serving
                              overhead, redis-benchmark GET of the same size
+  batching    batching.py    float32 exact batching against one input at a time, B=1/4/16/64, in process and
+                             over HTTP; the float32 matmul rate at the batched shapes; bfloat16 compute
+  processes   batching.py    cache misses/s of `loragen serve --api-processes N` against N
 On a GPU (`--device auto` finds one) the generation and encoder sections and the server run there.
 """
 
@@ -31,7 +34,7 @@ from benchmarks import report
 from benchmarks.common import ROOT, IdleWaiter, git_state, loadavg, machine_info, versions
 from benchmarks.dims import CHECKPOINTS
 
-SECTIONS = ("generation", "encoder", "baseline", "http")
+SECTIONS = ("generation", "encoder", "baseline", "http", "batching", "processes")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,8 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="our own redis-server's maxmemory (allkeys-lru), filled before every cache-miss run "
                         "(default 2gb, as in docker-compose.yml)")
     h.add_argument("--output-dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="the adapters' output dtype in the http section, over HTTP and in-process (default float32, "
-                        "the API's default)")
+                   help="the adapters' output dtype in the http section, over HTTP and in-process (default float32; "
+                        "the API's default is the compute dtype)")
     h.add_argument("--http-batch", type=int, default=16, help="server max_batch_size (default 16)")
     h.add_argument("--http-concurrency", type=int, default=32, help="concurrent clients (default 32)")
     h.add_argument("--http-n", type=int, default=64, help="cache-miss requests per run (default 64)")
@@ -79,6 +82,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     h.add_argument("--hot-set", type=int, default=16,
                    help="distinct cached adapters the hits cycle over (default 16: 218 MB in float32 at the Mistral "
                         "dims, within the server's default 512 MiB near cache)")
+    b = p.add_argument_group("batching and processes")
+    b.add_argument("--batching-n", type=int, default=48,
+                   help="cache misses per HTTP run, at least twice the clients (default 48)")
+    b.add_argument("--processes-clients", type=int, default=16,
+                   help="clients of the processes rows and of the bfloat16 batching row (default 16)")
+    b.add_argument("--api-processes", type=int, nargs="+", default=[1, 2, 4], metavar="N",
+                   help="API processes of the processes rows (default 1 2 4; 1: the process generates itself)")
     c = p.add_argument_group("contention (a shared machine)")
     c.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
                    help="before each measurement wait until other processes use under --idle-threshold cores, "
@@ -95,10 +105,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.encoder_layers, args.baseline_runs = 2, 1
         args.http_batch, args.http_concurrency, args.http_n, args.http_text_n = 2, 2, 4, 2
         args.http_runs, args.hit_n, args.hot_set, args.redis_maxmemory = 1, 4, 2, "32mb"
-    if min(args.batches + args.share_batches + [args.repeats, args.repeats_large, args.http_n, args.http_runs,
-                                                 args.hit_n, args.hot_set, args.http_batch, args.http_concurrency]) < 1:
-        p.error("batch sizes, repeats, request counts and concurrency must be positive")
+        args.batching_n, args.processes_clients, args.api_processes = 4, 2, [1, 2]
+    if min(args.batches + args.share_batches + args.api_processes + [
+            args.repeats, args.repeats_large, args.http_n, args.http_runs, args.hit_n, args.hot_set, args.http_batch,
+            args.http_concurrency, args.batching_n, args.processes_clients]) < 1:
+        p.error("batch sizes, repeats, request counts, concurrency and process counts must be positive")
     args.batches, args.share_batches = sorted(set(args.batches)), sorted(set(args.share_batches))
+    args.api_processes = sorted(set(args.api_processes))
     args.dtypes = list(dict.fromkeys(args.dtypes))
     return args
 
@@ -151,17 +164,19 @@ def main(argv: list[str] | None = None) -> int:
     steps = []
     if "generation" in args.sections:
         steps.append(("generation", args.checkpoints[:1]))
-    steps += [(s, None) for s in ("http", "encoder", "baseline") if s in args.sections]
+    steps += [(s, None) for s in ("batching", "processes", "http", "encoder", "baseline") if s in args.sections]
     if "generation" in args.sections and len(args.checkpoints) > 1:
         steps.append(("generation", args.checkpoints[1:]))
     workdir = Path(tempfile.mkdtemp(prefix="loragen-bench-"))
     try:
         assets = None
-        if {"encoder", "baseline", "http"} & set(args.sections):
+        if {"encoder", "baseline", "http", "batching", "processes"} & set(args.sections):
             from benchmarks import assets as assets_mod
 
+            # the batching and processes sections send embeddings: their encoder is never run, one layer will do
+            layers = args.encoder_layers if {"encoder", "baseline", "http"} & set(args.sections) else 1
             print("building assets (random gte-large-sized encoder, Mistral-dims checkpoint)...", flush=True)
-            assets = assets_mod.build(workdir, seed=args.seed, encoder_layers=args.encoder_layers, n_layers=args.layers)
+            assets = assets_mod.build(workdir, seed=args.seed, encoder_layers=layers, n_layers=args.layers)
         for section, checkpoints in steps:
             print(f"{section}:", flush=True)
             if section == "generation":
@@ -180,6 +195,14 @@ def main(argv: list[str] | None = None) -> int:
                 from benchmarks import baseline
 
                 results["baseline"] = baseline.run(assets, args)
+            elif section == "batching":
+                from benchmarks import batching
+
+                results["batching"] = batching.run_batching(assets, args)
+            elif section == "processes":
+                from benchmarks import batching
+
+                results["processes"] = batching.run_processes(assets, args)
             else:
                 from benchmarks import serving
 

@@ -26,15 +26,29 @@ heads loop over M (at most 7 modules, never over the batch).
     S  like M, but the latent is repeated r times and rotated by the rank index (rotary position), so
        the head emits one rank row at a time:                    (B, 2, N, r, P)
 State-dict names follow the reference implementation, so a released checkpoint loads by name.
+
+Exact batching (`exact=True`, what float32 generation uses): matrix kernels choose their blocking, and so their
+rounding, by the shapes they are given, so a batch's forward is not bit-identical to each input's forward alone
+(a batch of one even takes another kernel for the task code: a matrix-vector product). In the exact forward
+every input gets its own matrix products with fixed shapes: its task code and trunk run as a batch of one, and
+each head multiplies that input's rows alone, column block by column block, so a block of head weights is
+reused from cache by every input of the batch instead of being read from memory once per input. Each of these
+units runs on one intra-op thread, spread over helper threads on a CPU (generator/exact.py). The calls an input
+makes, their shapes, threads and the memory alignment of their operands are the same whatever it is batched
+with, so its A and B are bit-identical to its forward alone: batch invariance by construction, not by a
+kernel's accident.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from generator.config import HyperConfig, ModuleSpec, ReaderSpec
+from generator.exact import EXACT_BLOCK_BYTES, exact_latents, exact_linears, own
 
 ROPE_BASE = 10000.0  # the S variant's rotary frequencies, as transformers' LlamaRotaryEmbedding default
 
@@ -170,6 +184,7 @@ class HyperLoRA(nn.Module):
             raise ValueError(f"{type(self).__name__} builds variant {self.variant}, config says {config.variant}")
         c = config
         self.config = c
+        self.exact_block_bytes = EXACT_BLOCK_BYTES  # the column blocks of the exact forward's head products
         d = c.latent
         if c.reader is None:
             self.task_encoder = TaskEncoderHead(c.task_emb_dim, d // 2)  # (B, E) → (B, D/2)
@@ -204,18 +219,24 @@ class HyperLoRA(nn.Module):
         ], dim=-1)  # (B, M, N, D) in the order task, depth, module
         return self.mlp1(self.mixer(x))
 
-    def forward(self, task_emb: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Pooled checkpoints: (B, E) → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added."""
+    def forward(self, task_emb: torch.Tensor, exact: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Pooled checkpoints: (B, E) → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added.
+        `exact`: each input's A and B bit-identical to its forward alone (see the module docstring)."""
         if self.config.reader is not None:
             raise ValueError("this hypernetwork reads token states (config.reader is set), not a pooled embedding: "
                              "call forward_tokens(states, mask)")
         if task_emb.dim() != 2 or task_emb.shape[1] != self.config.task_emb_dim:
             raise ValueError(f"task_emb must be (B, {self.config.task_emb_dim}), got {tuple(task_emb.shape)}")
+        if exact:  # each task code from its embedding alone: a batch of one is a matrix-vector product
+            return self.exact_adapters(lambda i: self.task_encoder(own(task_emb[i : i + 1])), task_emb.shape[0])
         return self.adapters(self.task_encoder(task_emb))  # (B, D/2) task code
 
-    def forward_tokens(self, states: torch.Tensor, mask: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def forward_tokens(self, states: torch.Tensor, mask: torch.Tensor,
+                       exact: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Reader checkpoints: token states (B, T, E) and mask (B, T) (True = a real token, at least one per row)
-        → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added."""
+        → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added. `exact`: each input is read alone, its
+        states cut to its own length (right padding: the mask's True entries come first), so its A and B are
+        bit-identical to its forward alone with unpadded states."""
         e = self.config.task_emb_dim
         if self.config.reader is None:
             raise ValueError("this hypernetwork takes one pooled embedding per input (config.reader is null): call "
@@ -227,20 +248,52 @@ class HyperLoRA(nn.Module):
                              f"{tuple(mask.shape)}")
         if not mask.any(dim=1).all():
             raise ValueError("every input needs at least one unmasked token")
+        if exact:
+            lengths = mask.sum(dim=1).tolist()
+            if any(not bool(mask[i, :n].all()) for i, n in enumerate(lengths)):
+                raise ValueError("exact reading needs right-padded masks (each row's real tokens first)")
+            return self.exact_adapters(lambda i: self.task_reader(own(states[i : i + 1, : lengths[i]]),
+                                                                  own(mask[i : i + 1, : lengths[i]])), len(lengths))
         return self.adapters(self.task_reader(states, mask))  # (B, D/2) task code
 
-    def adapters(self, task: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Task code (B, D/2) → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added."""
+    def adapters(self, task: torch.Tensor, exact: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Task code (B, D/2) → {module: (A (B, N, r, d_in), B (B, N, d_out, r))}, offsets added; `exact`: see
+        `exact_adapters`."""
+        if exact:
+            return self.exact_adapters(lambda i: task[i : i + 1], task.shape[0])
+        h = self.latent(task)  # (B, M, *lead, H)
+        return self._offsets([self.heads[m.name](h[:, i]) for i, m in enumerate(self.config.modules)])
+
+    def exact_adapters(self, code: Callable[[int], torch.Tensor], n: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """`adapters` of n inputs, each bit-identical to its own forward alone: input i's task code (`code(i)`,
+        (1, D/2)) and latents computed as a batch of one, then every head product of one input and one column
+        block on its own (generator/exact.py). Inference only (no autograd through the products)."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            raise ValueError("the exact forward is for inference: run it under torch.inference_mode() or no_grad()")
+        device = next(self.parameters()).device
+        latents = exact_latents(lambda i: self.latent(own(code(i))), n, device)  # (1, M, *lead, H) each
+        lead = latents[0].shape[2:-1]
+        ys = exact_linears([(self.heads[m.name], [x[0, i].reshape(-1, self.config.head_in) for x in latents])
+                            for i, m in enumerate(self.config.modules)], self.exact_block_bytes)
+        return self._offsets([y.view(n, *lead, -1) for y in ys])
+
+    def _offsets(self, ys: list[torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Every module's head output (B, *lead, S_m) → (A, B), offsets added."""
         out = {}
-        for m, (a, b_t) in zip(self.config.modules, self.generate(task), strict=True):
+        for m, y in zip(self.config.modules, ys, strict=True):
+            a, b_t = self.emit(y, m)
             off_a, off_b = self.AB_offset["A"][m.name], self.AB_offset["B"][m.name]
             b_ = b_t.transpose(-1, -2)  # (B, N, d_out, r)
             # offsets are zero in every released checkpoint: skip adding a batch-sized tensor of zeros
             out[m.name] = (a + off_a if off_a.any() else a, b_ + off_b if off_b.any() else b_)
         return out
 
-    def generate(self, task: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Task code (B, D/2) → per module, A (B, N, r, d_in) and B transposed (B, N, r, d_out), without offsets."""
+    def latent(self, task: torch.Tensor) -> torch.Tensor:
+        """Task code (B, D/2) → what the heads read: (B, M, *lead, H), `lead` the rows per module and input."""
+        raise NotImplementedError
+
+    def emit(self, y: torch.Tensor, m: ModuleSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        """Module m's head output (B, *lead, S_m) → A (B, N, r, d_in) and B transposed (B, N, r, d_out)."""
         raise NotImplementedError
 
 
@@ -253,16 +306,14 @@ class HyperLoRAL(HyperLoRA):
 
     variant = "L"
 
-    def generate(self, task):
-        c = self.config
-        h = self.mlp3(self.mlp2(self.trunk(task)))  # (B, M, N, H)
-        out = []
-        for i, m in enumerate(c.modules):
-            y = self.heads[m.name](h[:, i])  # (B, N, r*(d_in + d_out))
-            a = y[..., : c.r * m.d_in].unflatten(-1, (c.r, m.d_in))  # (B, N, r, d_in)
-            b_t = y[..., c.r * m.d_in :].unflatten(-1, (c.r, m.d_out))  # (B, N, r, d_out): read as [r, d_out]
-            out.append((a, b_t))
-        return out
+    def latent(self, task):
+        return self.mlp3(self.mlp2(self.trunk(task)))  # (B, M, N, H)
+
+    def emit(self, y, m):
+        r = self.config.r  # y (B, N, r*(d_in + d_out))
+        a = y[..., : r * m.d_in].unflatten(-1, (r, m.d_in))  # (B, N, r, d_in)
+        b_t = y[..., r * m.d_in :].unflatten(-1, (r, m.d_out))  # (B, N, r, d_out): read as [r, d_out]
+        return a, b_t
 
 
 class _SharedHead(HyperLoRA):
@@ -296,14 +347,11 @@ class HyperLoRAM(_SharedHead):
 
     variant = "M"
 
-    def generate(self, task):
-        c = self.config
-        h = self.mlp3(self.mlp2(self.marked_latent(task)))  # (B, M, 2, N, H)
-        out = []
-        for i, m in enumerate(c.modules):
-            y = self.heads[m.name](h[:, i])  # (B, 2, N, r*P)
-            out.append(self.split(y.unflatten(-1, (c.r, -1)), m))  # (B, 2, N, r, P)
-        return out
+    def latent(self, task):
+        return self.mlp3(self.mlp2(self.marked_latent(task)))  # (B, M, 2, N, H)
+
+    def emit(self, y, m):
+        return self.split(y.unflatten(-1, (self.config.r, -1)), m)  # y (B, 2, N, r*P) → (B, 2, N, r, P)
 
 
 class HyperLoRAS(_SharedHead):
@@ -329,12 +377,14 @@ class HyperLoRAS(_SharedHead):
         x1, x2 = x.chunk(2, dim=-1)
         return x * self.rope_cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * self.rope_sin.to(x.dtype)
 
-    def generate(self, task):
+    def latent(self, task):
         c = self.config
         x = self.mlp2(self.marked_latent(task))  # (B, M, 2, N, D)
         x = self.rotate(x[..., None, :].expand(*x.shape[:-1], c.r, c.latent))  # (B, M, 2, N, r, D)
-        h = self.mlp3(self.mlp2(x))  # (B, M, 2, N, r, H): the second block runs a second time
-        return [self.split(self.heads[m.name](h[:, i]), m) for i, m in enumerate(c.modules)]  # y (B, 2, N, r, P)
+        return self.mlp3(self.mlp2(x))  # (B, M, 2, N, r, H): the second block runs a second time
+
+    def emit(self, y, m):
+        return self.split(y, m)  # y (B, 2, N, r, P)
 
 
 VARIANT_CLASSES: dict[str, type[HyperLoRA]] = {"L": HyperLoRAL, "M": HyperLoRAM, "S": HyperLoRAS}

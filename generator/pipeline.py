@@ -10,8 +10,10 @@ A reader checkpoint (config.reader set) is conditioned on token states instead, 
 
 A ready embedding is refused for it with an InputError (a pooled vector cannot stand in for token states).
 
-In bfloat16 compute one call is one batch: the encoder and the hypernetwork each run once for all inputs.
-In float32 (the exact default) each input runs on its own, so its bytes never depend on its batch.
+One call is one batch. In bfloat16 compute the encoder and the hypernetwork each run once for all inputs. In
+float32 (the exact default) the hypernetwork runs once for the batch in its exact form (`HyperLoRA`'s
+`exact=True`: every input's matrix products its own, with fixed shapes) and each text is encoded alone, so an
+adapter's bytes never depend on what it was batched with.
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ class LoraGenerator:
     """A loaded checkpoint ready to generate: hypernetwork on `device` in `compute_dtype`; the task encoder
     is loaded on first use, so generation from embeddings never needs it."""
 
+    # float32 (batch-invariant) generation batches through the exact forward. False: each input runs as its own
+    # plain forward pass, one after another, the way float32 generated before the exact forward existed; kept
+    # so that the benchmarks can measure both in one run (python -m benchmarks --sections batching)
+    exact_batching: bool = True
+
     def __init__(
         self,
         checkpoint: Checkpoint,
@@ -121,8 +128,9 @@ class LoraGenerator:
         self.net = checkpoint.build(self.device, compute_dtype)
         self._encoder: TaskEncoder | None = None
         # float32 is the exact mode: an adapter's bytes must not depend on what it was batched with, and
-        # CPU/GPU matrix kernels choose their blocking (so their rounding) by the number of rows. So in
-        # float32 every input runs as a batch of one; bfloat16 batches the math for speed.
+        # CPU/GPU matrix kernels choose their blocking (so their rounding) by the number of rows. So float32
+        # runs the hypernetwork's exact batched forward and encodes each text alone; bfloat16 batches the
+        # plain math for speed.
         self.batch_invariant = compute_dtype == torch.float32
         if self.device.type == "cpu" and compute_dtype == torch.bfloat16 and cpu_has_native_bfloat16() is False:
             log.warning("bfloat16 compute on this CPU is emulated (it has no AVX512_BF16, AMX-BF16 or Arm BF16 "
@@ -151,36 +159,46 @@ class LoraGenerator:
         if len(item.embedding) != self.config.task_emb_dim:
             raise InputError(f"the embedding has {len(item.embedding)} values; this checkpoint takes {self.config.task_emb_dim}")
 
-    def embed(self, inputs: Sequence[TaskInput]) -> torch.Tensor:
-        """(B, E) float32 task embeddings; texts are encoded in one batch."""
+    def embed(self, inputs: Sequence[TaskInput], alone: bool = False) -> torch.Tensor:
+        """(B, E) float32 task embeddings; texts are encoded in one batch, or each on its own (`alone`: a
+        text's embedding then does not depend on the padding its batch would need)."""
         for x in inputs:
             self.check_input(x)
         e = self.config.task_emb_dim
         out = torch.empty(len(inputs), e)
         texts = [(i, x.text) for i, x in enumerate(inputs) if x.kind != "embedding"]
-        if texts:
+        if texts and alone:
+            for i, t in texts:
+                out[i] = self.encoder.encode([t])[0].float().cpu()
+        elif texts:
             out[[i for i, _ in texts]] = self.encoder.encode([t for _, t in texts]).float().cpu()
         for i, x in enumerate(inputs):
             if x.kind == "embedding":
                 out[i] = torch.tensor(x.embedding)
         return out
 
-    def read(self, inputs: Sequence[TaskInput]) -> TokenStates:
-        """Token states (B, T, E) float32 and mask (B, T) of text inputs, for a reader checkpoint."""
+    def read(self, inputs: Sequence[TaskInput], alone: bool = False) -> TokenStates:
+        """Token states (B, T, E) float32 and mask (B, T) of text inputs, for a reader checkpoint; `alone`: each
+        text encoded on its own, then right-padded into the batch."""
         for x in inputs:
             self.check_input(x)
         reader = self.config.reader
         if reader is None:
             raise InputError("this checkpoint is conditioned on pooled embeddings; it has no token reader")
+        if alone:
+            rows = [self.encoder.token_states([x.text], max_tokens=reader.max_tokens).states[0] for x in inputs]
+            return TokenStates.pad(rows, self.config.task_emb_dim)
         return self.encoder.token_states([x.text for x in inputs], max_tokens=reader.max_tokens)
 
-    def hypernet(self, inputs: Sequence[TaskInput]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """The hypernetwork's A/B for `inputs`, conditioned the way the checkpoint was trained."""
+    def hypernet(self, inputs: Sequence[TaskInput], exact: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """The hypernetwork's A/B for `inputs`, conditioned the way the checkpoint was trained: one plain batch,
+        or with `exact` (what `generate` uses in float32) each text encoded alone and the exact forward, so that
+        every input's A/B are bit-identical to its own call alone."""
         if self.config.reader is None:
-            emb = self.embed(inputs).to(self.device, self.compute_dtype)  # (B, E)
-            return self.net(emb)
-        states, mask = self.read(inputs)  # (B, T, E), (B, T)
-        return self.net.forward_tokens(states.to(self.device, self.compute_dtype), mask.to(self.device))
+            emb = self.embed(inputs, alone=exact).to(self.device, self.compute_dtype)  # (B, E)
+            return self.net(emb, exact=exact)
+        states, mask = self.read(inputs, alone=exact)  # (B, T, E), (B, T)
+        return self.net.forward_tokens(states.to(self.device, self.compute_dtype), mask.to(self.device), exact=exact)
 
     @torch.inference_mode()
     def generate(self, inputs: Sequence[TaskInput], dtype: str = "float32") -> list[LoraAdapter]:
@@ -188,9 +206,10 @@ class LoraGenerator:
         if not inputs:
             return []
         parse_dtype(dtype)
-        if self.batch_invariant and len(inputs) > 1:
+        if self.batch_invariant and not self.exact_batching and len(inputs) > 1:
             return [adapter for x in inputs for adapter in self.generate([x], dtype)]
-        ab = self.hypernet(inputs)  # {module: (A (B, N, r, d_in), B (B, N, d_out, r))}
+        exact = self.batch_invariant and self.exact_batching
+        ab = self.hypernet(inputs, exact=exact)  # {module: (A (B, N, r, d_in), B (B, N, d_out, r))}
         base = {"loragen_version": __version__, "checkpoint_sha256": self.checkpoint.sha256,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
         provenances = [{**base, "input_kind": x.kind, "input_sha256": x.digest()} for x in inputs]

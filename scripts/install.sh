@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install loragen with its test extras. Safe to run again: an existing venv and torch are kept.
+# The test extras include selenium, which drives the system's Chromium and chromedriver (Debian's chromium and
+# chromium-driver packages, which .ci/run installs) in the playground's browser tests.
 #
 # PyTorch goes in first, and the right build of it: a bare `torch` requirement from PyPI is the multi-GB
 # CUDA build on Linux. Without an NVIDIA GPU (no working `nvidia-smi`) the CPU build comes from PyTorch's CPU

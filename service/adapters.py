@@ -26,7 +26,10 @@ from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
-ADAPTER_FORMAT_VERSION = 1  # bump when the bytes for the same input change (layout, metadata)
+# bump when the bytes for the same input may change (layout, metadata, arithmetic). 2: float32 generation runs the
+# exact batched forward, whose head products are split in column blocks (bit-identical to the plain forward on
+# the machines measured, but not guaranteed to be on every one)
+ADAPTER_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,12 @@ class AdapterService:
         metrics.pending.set_function(lambda: len(self._inflight))
 
     # ---- identity ----
+
+    @property
+    def default_dtype(self) -> str:
+        """The output dtype of a request that names none: what the server computes in. A bfloat16-computed
+        adapter stored in bfloat16 is exactly what was computed, in half the bytes of float32."""
+        return "bfloat16" if self.settings.compute_dtype == "bfloat16" else "float32"
 
     def resolve(self, checkpoint: str | None) -> tuple[str, Checkpoint]:
         cid = checkpoint or self.default
@@ -137,7 +146,10 @@ class AdapterService:
 
     # ---- generation ----
 
-    async def get_or_generate(self, checkpoint: str | None, item: TaskInput, dtype: str) -> Result:
+    async def get_or_generate(self, checkpoint: str | None, item: TaskInput, dtype: str | None = None) -> Result:
+        """The adapter for `item`, from the cache or generated; `dtype` None: `default_dtype`. The id is made from
+        the dtype resolved, so a request naming the default and one naming none share one id and one entry."""
+        dtype = dtype or self.default_dtype
         cid, ckpt = self.resolve(checkpoint)
         if item.kind == "embedding" and ckpt.config.reader is not None:
             raise InvalidInput(f"checkpoint {cid} reads the token states of a text (it has a token reader), so a "

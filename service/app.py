@@ -122,6 +122,9 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
                                  max_wait_ms=settings.max_wait_ms, max_queue=settings.max_pending)
         backend.start()
         app.state.service = AdapterService(settings, checkpoints, cache, metrics, backend)
+        from service.playground import Playground
+
+        app.state.playground = Playground(settings, app.state.service, devices_for(settings.device)[0])
         limit = settings.rate_limit()
         if limit is not None:
             from service.ratelimit import RateLimiter
@@ -134,6 +137,7 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
         finally:
             if consumers is not None:
                 await consumers.close()  # embedded stream workers finish the batch in hand
+            await app.state.playground.close()
             await backend.close()
             await cache.close()
             if app.state.limiter is not None:
@@ -145,6 +149,7 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     app.state.metrics = metrics
     app.state.limiter = None
     app.state.consumers = None  # with --embedded-worker: this node's stream consumers (service.queue.Consumers)
+    app.state.playground = None  # service.playground.Playground, made in the lifespan
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
@@ -180,10 +185,14 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     key_hashes = settings.api_key_hashes()
     open_paths = {"/health", "/ready"} | ({"/metrics"} if settings.metrics_public else set())
 
-    from service.routes import adapters, ops
+    from service.routes import adapters, ops, playground
 
     app.include_router(adapters.router)
+    app.include_router(playground.router)
     app.include_router(ops.router)
+    if settings.playground:  # the page asks for the key itself: it and its assets are open
+        app.include_router(playground.page_router)
+        open_paths |= playground.PAGE_PATHS
     app.add_middleware(Gate, metrics=metrics, key_hashes=key_hashes, open_paths=open_paths)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, max_header_bytes=settings.max_header_bytes)
     app.add_middleware(RequestId)  # outermost: every response, even a 413 from BodyLimit, carries an id

@@ -53,6 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
                             help="local: generate in this process (default); redis: API node for `loragen worker`s")
             sp.add_argument("--embedded-worker", action="store_true", default=None,
                             help="with --queue redis: this node also generates, and `loragen worker`s join it")
+            sp.add_argument("--api-processes", type=int, metavar="N",
+                            help="N API processes on the port, handing misses through Redis (--redis-url) to one "
+                                 "model-holding worker process started beside them (default 1: this process "
+                                 "generates)")
+            # what --api-processes gives its API processes: bind the port with SO_REUSEPORT, beside each other
+            sp.add_argument("--reuse-port", action="store_true", default=None, help=argparse.SUPPRESS)
 
     node_args(sub.add_parser("serve", help="run the HTTP service (flags override LORAGEN_* environment variables)"),
               api=True)
@@ -67,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--document", metavar="FILE", help="a text file; long documents are chunked")
     src.add_argument("--embedding", metavar="FILE", help="safetensors file with one tensor [E] or [1, E]")
     g.add_argument("--out", required=True, metavar="DIR", help="output PEFT directory")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="adapter dtype")
+    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="adapter dtype (default: the compute dtype, so bfloat16 compute writes bfloat16 adapters)")
     g.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="hypernetwork compute dtype (bfloat16 is faster on AVX-512 BF16 CPUs and GPUs)")
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
@@ -145,7 +152,8 @@ def _settings(args: argparse.Namespace, **defaults):
 
     from service.settings import Settings, parse_checkpoint_arg
 
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "checkpoints") and v is not None}
+    overrides = {k: v for k, v in vars(args).items()
+                 if k not in ("command", "checkpoints", "reuse_port") and v is not None}
     for key, value in defaults.items():  # a command's own default, below env and flags
         if f"LORAGEN_{key.upper()}" not in os.environ:
             overrides.setdefault(key, value)
@@ -166,19 +174,21 @@ def _settings(args: argparse.Namespace, **defaults):
     return settings
 
 
-def _logging(level: str) -> None:
+def _logging(level: str, models: bool = True) -> None:
     """Every line a node writes, from the first, is a log record in one format ending in `request_id=`
     (service.logctx): uvicorn's lines too (their Config gets log_config=None, so they reach the root
-    handler), and Python warnings from the libraries; no progress bars (transformers draws one per load)."""
+    handler), and Python warnings from the libraries; no progress bars (transformers draws one per load;
+    `models` False: a process that loads none, which need not import transformers)."""
     import logging
-
-    from transformers.utils import logging as hf_logging
 
     from service.logctx import tag_log_lines
 
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.captureWarnings(True)
-    hf_logging.disable_progress_bar()
+    if models:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tag_log_lines()
 
 
@@ -190,7 +200,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if settings.queue == "redis" and not settings.redis_url:
         raise _usage("--queue redis needs --redis-url (or LORAGEN_REDIS_URL): the job stream lives in Redis")
+    if settings.api_processes > 1:
+        return _serve_processes(settings)
     _logging(settings.log_level)
+    sockets = None
+    if args.reuse_port:  # one of several API processes on the port (service/processes.py)
+        from service.processes import reuse_port_socket
+
+        sockets = [reuse_port_socket(settings.host, settings.port, listen=True)]
     # load before the server starts: a bad checkpoint is one line and exit 2, not a traceback
     api_only = settings.queue == "redis" and not settings.embedded_worker
     loaded = load_checkpoints(settings) if api_only else load_generators(settings)
@@ -199,8 +216,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = uvicorn.Server(uvicorn.Config(create_app(settings, loaded), host=settings.host, port=settings.port,
                                            log_level=settings.log_level, log_config=None,
                                            timeout_graceful_shutdown=settings.shutdown_grace_s))
-    server.run()
+    server.run(sockets=sockets)
     return 0 if server.started else 3  # uvicorn's exit status for a startup failure (its lifespan logged why)
+
+
+def _serve_processes(settings) -> int:
+    """`serve --api-processes N` (N > 1): check what only this mode needs, then supervise the processes."""
+    import socket
+
+    from service.processes import port_answers, reuse_port_socket, serve_processes
+
+    n = settings.api_processes
+    if not settings.redis_url:
+        raise _usage(f"--api-processes {n} needs --redis-url (or LORAGEN_REDIS_URL): the API processes hand their "
+                     "misses to the model worker through the Redis job stream")
+    if settings.queue == "redis" or settings.embedded_worker:
+        raise _usage(f"--api-processes {n} starts its own model worker and API processes; it does not combine with "
+                     "--queue redis or --embedded-worker (for API nodes and workers of your own, run "
+                     "`loragen serve --queue redis` and `loragen worker`)")
+    if not hasattr(socket, "SO_REUSEPORT"):
+        raise _usage(f"--api-processes {n} needs SO_REUSEPORT (Linux, BSD, macOS), which this system lacks")
+    if settings.port and port_answers(settings.host, settings.port):
+        raise _usage(f"port {settings.port} on {settings.host} is already in use")
+    try:
+        reuse_port_socket(settings.host, settings.port, listen=False).close()
+    except OSError as e:
+        raise _usage(f"cannot listen on {settings.host}:{settings.port}: {e.strerror or e}") from None
+    _logging(settings.log_level, models=False)
+    return serve_processes(settings)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -242,7 +285,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              base_model=args.base_model,
                              device=args.device, compute_dtype=getattr(torch, args.compute_dtype),
                              trust_remote_code=args.trust_remote_code)
-    (adapter,) = gen.generate([item], dtype=args.dtype)
+    (adapter,) = gen.generate([item], dtype=args.dtype or args.compute_dtype)
     out = adapter.save_pretrained(args.out)
     print(f"wrote {out} ({adapter.safetensors_size()} bytes, {len(adapter.tensors)} tensors, "
           f"base {gen.config.base_model}, input {adapter.provenance['input_sha256'][:16]})")

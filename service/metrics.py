@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Awaitable, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -27,8 +28,8 @@ class Metrics:
         self.batch_size = Histogram("loragen_batch_size", "inputs per POST /v1/adapters/batch",
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
         self.batch_generated = Histogram("loragen_generation_batch_size",
-                                         "jobs a worker generated together (one forward pass in bfloat16 compute; "
-                                         "in float32, the exact mode, one per job)",
+                                         "jobs a worker generated together (one forward pass of the hypernetwork; "
+                                         "in float32, its exact form: every job's bytes as if it ran alone)",
                                          ["device"], buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r)
         self.queue_depth = Gauge("loragen_queue_depth", "generation jobs waiting for a worker", registry=r)
         self.worker_restarts = Counter("loragen_worker_restarts", "in-process workers restarted after dying",
@@ -44,6 +45,10 @@ class Metrics:
                                   registry=r)
         self.live_workers = Gauge("loragen_live_workers", "workers with a live heartbeat, per checkpoint (read at "
                                   "scrape time)", ["checkpoint"], registry=r)
+        # several API processes can share one port (loragen serve --api-processes N): which one answered
+        self.process_id = Gauge("loragen_process_id", "the operating-system id of the process that answered",
+                                registry=r)
+        self.process_id.set(os.getpid())
         self._scrape_hooks: list[Callable[[], Awaitable[None]]] = []
         self._near_hits = _Counted("loragen_cache_near_hits",
                                    "cache hits answered from the in-process near cache, without Redis", lambda: 0)

@@ -54,10 +54,11 @@ class Worker:
         self.pool, self.index, self.generators = pool, index, generators
         self.device = str(next(iter(generators.values())).device) if generators else "cpu"
         self.current: list[_Entry] = []
-        # float32 generators run each input alone anyway (exact mode): waiting for a batch to fill would
-        # only add latency; they take what is already queued
-        exact = all(g.batch_invariant for g in generators.values())
-        self.wait_s = 0.0 if exact else pool.max_wait_s
+        # every compute dtype batches (float32 through the exact forward, bit-identical to one input alone); only
+        # generators that run inputs one at a time (exact_batching off) gain nothing from waiting for a batch
+        one_at_a_time = bool(generators) and all(g.batch_invariant and not g.exact_batching
+                                                 for g in generators.values())
+        self.wait_s = 0.0 if one_at_a_time else pool.max_wait_s
         self.thread = threading.Thread(target=self._loop, name=f"loragen-worker-{index}", daemon=True)
 
     def _loop(self) -> None:

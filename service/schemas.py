@@ -28,9 +28,14 @@ class AdapterInput(BaseModel):
         return self
 
 
+# what an adapter's tensors are stored in; none given: what the server computes in (float32, or bfloat16 with
+# bfloat16 compute: its adapters then hold exactly what was computed, in half the bytes)
+DTYPE_DOC = "the adapter's tensor dtype; default: the server's compute dtype (float32 unless it computes in bfloat16)"
+
+
 class GenerateRequest(AdapterInput):
     checkpoint: str | None = Field(None, description="checkpoint id; default: the server's default")
-    dtype: Dtype = "float32"
+    dtype: Dtype | None = Field(None, description=DTYPE_DOC)
     format: Format = "safetensors"
 
 
@@ -38,7 +43,7 @@ class BatchRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: list[AdapterInput] = Field(..., min_length=1)
     checkpoint: str | None = None
-    dtype: Dtype = "float32"
+    dtype: Dtype | None = Field(None, description=DTYPE_DOC)
 
 
 class BatchItem(BaseModel):

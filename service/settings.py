@@ -38,6 +38,9 @@ class Settings(BaseSettings):
 
     queue: Literal["local", "redis"] = "local"  # redis: API node only; `loragen worker` processes generate
     embedded_worker: bool = False  # with queue=redis: this node also generates (a single node that workers join)
+    # `loragen serve` as N API processes sharing the port (N > 1): they hand their misses through the Redis job
+    # stream to one model-holding worker process (a stream consumer per device); one process: generates itself
+    api_processes: int = Field(1, ge=1)
     claim_idle_ms: int = Field(30_000, ge=100)  # a worker takes over jobs another left idle this long (it died)
     # a job handed out more often than this (each worker that took it died or hung) goes to the dead-letter
     # stream instead of killing the next worker too
@@ -83,6 +86,23 @@ class Settings(BaseSettings):
     # hf:// checkpoint sources allowed: 'owner' (any repo of it) or 'owner/repo'. Empty: any hf:// source.
     # LORAGEN_HF_ALLOW='SakanaAI,me/my-t2l'
     hf_allow: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    # The playground (docs/playground.md): the page at /, its assets, GET /v1/playground and POST /v1/try.
+    # false: all of them answer 404 (the adapter stats and novelty endpoints stay)
+    playground: bool = True
+    # checkpoint id -> the base model directory (a Hugging Face causal LM with its tokenizer) POST /v1/try runs
+    # that checkpoint's adapters on. LORAGEN_PLAYGROUND_BASES='demo=/models/base' or a JSON object. A checkpoint
+    # directory inside a bundle from `loragen train demo` (the demo's) finds its bundle's base/ without it
+    playground_bases: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
+    # checkpoint id -> the suite.json the checkpoint was trained on: its training descriptions, against whose
+    # adapters GET /v1/adapters/{id}/novelty compares. Found in a bundle like the base
+    playground_suites: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
+    try_max_inputs: int = Field(8, ge=1, le=64)  # inputs per POST /v1/try
+    try_max_input_chars: int = Field(64, ge=1, le=4096)  # characters per input
+    try_max_new_tokens: int = Field(32, ge=1, le=512)  # tokens each answer may have
+    # POST /v1/try's own token bucket per client (on top of rate_limit_per_s), as that one works. 0: none
+    try_rate_limit_per_s: float = Field(1.0, ge=0)
+    try_rate_limit_burst: int = Field(5, ge=1)
 
     @field_validator("hf_allow", mode="before")
     @classmethod
@@ -155,6 +175,48 @@ class Settings(BaseSettings):
             if not cid or not all(c.isalnum() or c in "-_." for c in cid):
                 raise ValueError(f"checkpoint id {cid!r} must be letters, digits, '-', '_' or '.'")
         return value
+
+    @field_validator("playground_bases", "playground_suites", mode="before")
+    @classmethod
+    def _parse_paths(cls, value: object) -> object:
+        """'id=path,id2=path2' or a JSON object."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                return json.loads(text)
+            pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError("expected id=path pairs, comma separated, or a JSON object")
+            return {cid.strip(): path.strip() for cid, path in pairs}
+        return value
+
+    @field_validator("playground_bases")
+    @classmethod
+    def _check_bases(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for cid, path in value.items():
+            if not (path / "config.json").is_file():
+                raise ValueError(f"base model of {cid}: {path} is not a model directory (no config.json there)")
+        return value
+
+    @field_validator("playground_suites")
+    @classmethod
+    def _check_suites(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for cid, path in value.items():
+            if not path.is_file():
+                raise ValueError(f"suite of {cid}: no file {path}")
+        return value
+
+    @model_validator(mode="after")
+    def _playground_ids(self) -> Settings:
+        for name in ("playground_bases", "playground_suites"):
+            unknown = sorted(set(getattr(self, name)) - set(self.checkpoints))
+            if unknown:
+                raise ValueError(f"{name} names checkpoints that are not served: {', '.join(unknown)}")
+        return self
+
+    def try_rate_limit(self) -> tuple[float, int] | None:
+        """(tokens per second, burst) of POST /v1/try's own limit, or None when it has none."""
+        return (self.try_rate_limit_per_s, self.try_rate_limit_burst) if self.try_rate_limit_per_s else None
 
 
 def parse_checkpoint_arg(item: str) -> tuple[str, str]:

@@ -21,8 +21,10 @@ def _positive(x) -> bool:
 def test_quick_suite_writes_a_complete_report(tmp_path):
     from benchmarks.suite import main
 
-    # the HTTP section with bfloat16 output (float32, the default, is the same path without "dtype" in the body)
-    assert main(["--quick", "--dtypes", "bfloat16", "--output-dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    # the HTTP section with bfloat16 output (bfloat16 compute's default; float32 output is the same path); the
+    # batching and processes sections have a test of their own below
+    assert main(["--quick", "--dtypes", "bfloat16", "--output-dtype", "bfloat16", "--out", str(tmp_path),
+                 "--sections", "generation", "encoder", "baseline", "http"]) == 0
     r = json.loads((tmp_path / "bench-quick-cpu.json").read_text())
     md = (tmp_path / "bench-quick-cpu.md").read_text()
     assert r["quick"] is True and r["device"] == "cpu" and r["machine"]["cpu_model"] and r["versions"]["torch"]
@@ -74,7 +76,7 @@ def test_quick_suite_writes_a_complete_report(tmp_path):
     assert http["output_dtype"] == "bfloat16" and http["entry_bytes"] < 0.6 * gen["adapter_mb_float32"] * 1e6
     assert "; bfloat16 output; " in md
     miss_targets = [t["target"] for t in r["targets"] if t["target"].startswith("HTTP")]
-    assert miss_targets and all("bfloat16 output, not the API's default" in t for t in miss_targets)
+    assert miss_targets and all("; bfloat16 output)" in t for t in miss_targets)  # bfloat16 compute's default
 
     assert {t["target"].split(" ")[0] for t in r["targets"]} >= {"batched", "HTTP", "cache-hit"}
     assert all(isinstance(t["met"], bool) for t in r["targets"])
@@ -95,3 +97,36 @@ def test_hit_path_measures_every_kind_of_hit(capsys):
                                                 "curl POST cached input", "curl GET by id"]
     assert all(float(r[1]) > 0 and float(r[3]) >= 0 for r in rows[:4])
     assert rows[4][0].strip().startswith("redis-benchmark GET") and float(rows[4][1]) > 0
+
+
+def test_quick_batching_and_processes_sections(tmp_path):
+    """float32 exact batching against one input at a time (in process and over HTTP, bfloat16 compute beside them)
+    and `loragen serve --api-processes N`: real servers, their own redis-server, real clients."""
+    from benchmarks.suite import main
+
+    assert main(["--quick", "--sections", "batching", "processes", "--out", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "bench-quick-cpu.json").read_text())
+    md = (tmp_path / "bench-quick-cpu.md").read_text()
+    ip = r["batching"]["in_process"]
+    assert set(ip) == {"1", "2"}
+    for row in ip.values():
+        assert _positive(row["matmul_gflops"]) and _positive(row["e2e_speedup"])
+        assert all(_positive(row[k]["adapters_per_s"]) and _positive(row[k]["efficiency"])
+                   for k in ("forward_exact", "forward_one_at_a_time", "e2e_exact", "e2e_one_at_a_time"))
+    http = r["batching"]["http"]
+    assert set(http["rows"]) == {"1", "2"} and http["client"] in ("curl", "httpx")
+    for row in http["rows"].values():
+        for k in ("exact", "one_at_a_time"):
+            assert _positive(row[k]["per_s"]) and row[k]["p50_ms"] <= row[k]["p99_ms"]
+            assert row[k]["bytes"] == http["rows"]["1"]["exact"]["bytes"]  # float32 adapters, one size
+    bf = http["bfloat16"]
+    assert _positive(bf["per_s"]) and bf["bytes"][0] < 0.6 * http["rows"]["1"]["exact"]["bytes"][0]  # bfloat16 output
+    rows = r["processes"]["dtypes"]["float32"]["rows"]
+    assert set(rows) == {"1", "2"} and rows["1"]["processes"] == 1 and rows["2"]["processes"] == 4
+    assert all(_positive(x["per_s"]) and _positive(x["cpu_ms_per_request"]["server"]) for x in rows.values())
+    verdicts = {t["target"].split(" ")[0]: t["met"] for t in r["targets"]}
+    assert {"float32,", "float32", "bfloat16", "on"} <= set(verdicts)
+    assert verdicts["on"] is None and "not measured: no GPU here" in md  # the GPU target, on a machine without one
+    assert all(isinstance(t["met"], bool) for t in r["targets"] if not t["target"].startswith("on a GPU"))
+    for heading in ("**float32 batching**", "**API processes**"):
+        assert heading in md
