@@ -15,6 +15,7 @@ with the same shapes, and a kernel's threads do not depend on what else is queue
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 from collections.abc import Callable, Sequence
@@ -75,7 +76,7 @@ class Helpers:
         # inference mode and grad mode are per thread: the helpers run under the caller's
         modes = (torch.is_inference_mode_enabled(), torch.is_grad_enabled())
         bounds = [k * t // self.n for t in range(self.n + 1)]
-        runs = [units[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+        runs = [units[a:b] for a, b in itertools.pairwise(bounds) if b > a]
         for f in [self.pool.submit(_run_all, r, *modes) for r in runs]:
             f.result()
 

@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from generator.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_safetensors_metadata
 from generator.errors import LoragenError
+from generator.train.functional import lora_scaling
 from service.adapters import AdapterService
 from service.errors import ApiError, GenerationFailed, InvalidInput, Overloaded, RateLimited, Timeout
 from service.settings import Settings
@@ -163,12 +164,6 @@ class Factors:
     scaling: float
     config: dict
     provenance: dict
-
-
-def lora_scaling(config: dict) -> float:
-    """What PEFT multiplies B·A by: lora_alpha/sqrt(r) with rsLoRA, lora_alpha/r without."""
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    return alpha / r**0.5 if config.get("use_rslora") else alpha / r
 
 
 def read_factors(data: bytes) -> Factors:

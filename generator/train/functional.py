@@ -158,11 +158,15 @@ def peft_settings(path: str | Path) -> dict:
 
 def peft_scaling(path: str | Path) -> float:
     """What PEFT multiplies B@A by for the adapter in directory `path`."""
+    return lora_scaling(peft_settings(path))
+
+
+def lora_scaling(config: Mapping) -> float:
+    """What PEFT multiplies B@A by for an adapter_config: lora_alpha/sqrt(r) with rsLoRA, lora_alpha/r without."""
     import math
 
-    cfg = peft_settings(path)
-    r, alpha = cfg["r"], cfg["lora_alpha"]
-    return alpha / (math.sqrt(r) if cfg["use_rslora"] else r)
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
 
 def stack(adapters: Sequence[AB]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
