@@ -259,7 +259,8 @@ def find_target(cid: str, source: str, ckpt, settings: Settings) -> Target:
         target.suite_reason = f"checkpoint {cid} ships no training descriptions to compare with"
     else:
         per_adapter = 4 * ckpt.config.n_layers * ckpt.config.r * sum(m.d_in + m.d_out for m in ckpt.config.modules)
-        _read_suite(target, suite, settings.try_max_inputs, max(1, REFERENCE_BYTES // per_adapter))
+        fit = min(settings.playground_references, max(1, REFERENCE_BYTES // per_adapter))
+        _read_suite(target, suite, settings.try_max_inputs, fit)
     return target
 
 
@@ -298,7 +299,7 @@ def _read_suite(target: Target, path: Path, max_examples: int, fit: int) -> None
         target.suite_reason = f"the suite of checkpoint {target.cid} cannot be read: {' '.join(str(e).split())[:200]}"
         return
     target.suite = path
-    # every seen task's first description, then every second one, ...: what fits in REFERENCE_BYTES covers the tasks
+    # every seen task's first description, then every second one, ...: the first `fit` cover the tasks
     per_task = [[(t, d) for d in suite.train_descriptions.get(t, ())] for t in suite.seen]
     ordered = [pairs[i] for i in range(max(map(len, per_task), default=0)) for pairs in per_task if i < len(pairs)]
     target.descriptions = ordered[:fit]
@@ -307,8 +308,9 @@ def _read_suite(target: Target, path: Path, max_examples: int, fit: int) -> None
     # inputs for try-it: the first evaluation input of each task that is a plain word, as the demo's tasks take
     words = [xs[0][0] for xs in suite.eval_examples.values() if xs and xs[0][0].isalpha()]
     target.examples = list(dict.fromkeys(words))[: min(6, max_examples)]
-    # descriptions no hypernetwork trained on: the evaluation phrasing of seen tasks
-    target.suggestions = [suite.eval_descriptions[t][0] for t in suite.seen if suite.eval_descriptions.get(t)][:8]
+    # descriptions no hypernetwork trained on: the evaluation phrasing of seen tasks, spread over them
+    phrased = [t for t in suite.seen if suite.eval_descriptions.get(t)]
+    target.suggestions = [suite.eval_descriptions[t][0] for t in phrased[::max(1, len(phrased) // 8)]][:8]
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     # checkpoint id -> the suite.json the checkpoint was trained on: its training descriptions, against whose
     # adapters GET /v1/adapters/{id}/novelty compares. Found in a bundle like the base
     playground_suites: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
+    # training descriptions novelty compares with, at most, per checkpoint: every seen task's first description,
+    # then every second one, ... (each costs a generated adapter on the first novelty request, and its memory)
+    playground_references: int = Field(2048, ge=1, le=1_000_000)
     try_max_inputs: int = Field(8, ge=1, le=64)  # inputs per POST /v1/try
     try_max_input_chars: int = Field(64, ge=1, le=4096)  # characters per input
     try_max_new_tokens: int = Field(32, ge=1, le=512)  # tokens each answer may have

@@ -17,13 +17,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from generator import DEMO_CHECKPOINTS
+from generator import DEMO_BUNDLE, DEMO_CHECKPOINTS
 from loragen.check import VLLM_MAX_LORA_RANKS, UnreadableAdapter, check_adapter, run_check
 from service.cli import main
 
 LOCAL = Path(sys.executable).with_name("loragen")
 MODULES = [f"model.layers.{i}.self_attn.{m}" for i in range(4) for m in ("q_proj", "v_proj")]  # the demo's
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
+HIDDEN = json.loads((DEMO_BUNDLE / "base" / "config.json").read_text())["hidden_size"]  # q_proj and v_proj: HIDDEN->HIDDEN
 
 
 def generate(out: Path, dtype: str) -> Path:
@@ -149,7 +150,7 @@ def test_dora_is_reported(capsys, edited):
     flagged = edited(config=lambda c: c.update(use_dora=True))
     for consumer in ("peft", "vllm", "lorax"):
         expect_problem(capsys, "use_dora is true", flagged, "--for", consumer)
-    magnitudes = edited(tensors=lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.ones(128)}))
+    magnitudes = edited(tensors=lambda t: t.update({f"{Q0}.lora_magnitude_vector": torch.ones(HIDDEN)}))
     expect_problem(capsys, "DoRA magnitude vectors", magnitudes)
 
 
@@ -165,7 +166,7 @@ def test_modules_to_save_is_reported(capsys, edited):
 def test_trained_biases_are_reported(capsys, edited):
     expect_problem(capsys, "bias is 'all'", edited(config=lambda c: c.update(bias="all")))
     expect_problem(capsys, "lora_bias is true", edited(config=lambda c: c.update(lora_bias=True)), "--for", "vllm")
-    bias = edited(tensors=lambda t: t.update({f"{Q0}.lora_B.bias": torch.zeros(128)}))
+    bias = edited(tensors=lambda t: t.update({f"{Q0}.lora_B.bias": torch.zeros(HIDDEN)}))
     expect_problem(capsys, "trained biases", bias)
 
 
@@ -174,8 +175,8 @@ def test_a_wrong_shape_is_reported(capsys, edited):
         t[f"{Q0}.lora_A.weight"] = t[f"{Q0}.lora_A.weight"].T.contiguous()  # (d_in, r) instead of (r, d_in)
 
     lines = expect_problem(capsys, "do not have rank 8 (r in the config)", edited(tensors=transpose_a))
-    assert len(lines) == 1 and "model.layers.0.self_attn.q_proj: lora_A [128, 8]" in lines[0], lines
-    flat = edited(tensors=lambda t: t.update({f"{Q0}.lora_B.weight": torch.zeros(128 * 8)}))
+    assert len(lines) == 1 and f"model.layers.0.self_attn.q_proj: lora_A [{HIDDEN}, 8]" in lines[0], lines
+    flat = edited(tensors=lambda t: t.update({f"{Q0}.lora_B.weight": torch.zeros(HIDDEN * 8)}))
     expect_problem(capsys, "must both be 2-D", flat)
 
 
@@ -211,9 +212,9 @@ def test_rank_12_fits_vllm_below_its_max_lora_rank_only(capsys, edited):
         def change(t):
             for name in list(t):
                 if name.endswith("lora_A.weight"):
-                    t[name] = torch.randn(r, 128)
+                    t[name] = torch.randn(r, HIDDEN)
                 else:
-                    t[name] = torch.randn(128, r)
+                    t[name] = torch.randn(HIDDEN, r)
         return change
 
     twelve = edited(config=lambda c: c.update(r=12), tensors=rank(12))
@@ -276,7 +277,7 @@ def test_features_vllm_refuses_are_reported(capsys, edited):
 def test_an_embedding_lora_is_reported_for_lorax(capsys, edited):
     def add_embedding(t):
         t["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.zeros(8, 100)
-        t["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.zeros(128, 8)
+        t["base_model.model.model.embed_tokens.lora_embedding_B"] = torch.zeros(HIDDEN, 8)
 
     embedding = edited(config=lambda c: c.update(target_modules=["q_proj", "v_proj", "embed_tokens"]),
                        tensors=add_embedding)

@@ -31,7 +31,9 @@ from tests.service_server import ServiceProcess
 SUITE = Suite.load(DEMO_BUNDLE / "suite.json")
 BRACKETS = "Put the word inside square brackets."
 KEYS = ("playground-key-0123456789", "playground-key-9876543210")
-PAGE_DEADLINE_S = 240  # what a page may take to show a result (the first novelty generates 520 adapters)
+PAGE_DEADLINE_S = 240  # what a page may take to show a result (the first novelty generates 2,048 adapters)
+# the training descriptions novelty compares with: LORAGEN_PLAYGROUND_REFERENCES (default) of the seen tasks'
+REFERENCES = min(2048, sum(len(SUITE.train_descriptions[t]) for t in SUITE.seen))
 KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.\w+\.(\w+)\.lora_([AB])\.weight")
 
 
@@ -70,7 +72,8 @@ def keyed(lone_ckpt, redis_server, redis_prefix_module, tmp_path_factory):
            "LORAGEN_CACHE_PREFIX": redis_prefix_module + "keyed:",
            "LORAGEN_PLAYGROUND_BASES": f"mine={DEMO_BUNDLE / 'base'}",
            "LORAGEN_PLAYGROUND_SUITES": json.dumps({"mine": str(DEMO_BUNDLE / "suite.json")}),
-           "LORAGEN_TRY_RATE_LIMIT_PER_S": "0.01", "LORAGEN_TRY_RATE_LIMIT_BURST": "2"}
+           "LORAGEN_TRY_RATE_LIMIT_PER_S": "0.01", "LORAGEN_TRY_RATE_LIMIT_BURST": "2",
+           "LORAGEN_PLAYGROUND_REFERENCES": "400"}  # fewer training adapters to generate than by default
     proc = ServiceProcess({"mine": lone_ckpt}, tmp_path_factory.mktemp("playground-keyed") / "serve.log", env)
     yield proc
     proc.stop()
@@ -150,12 +153,14 @@ def test_what_the_page_is_told_about_the_demo_bundle(client):
     info = client.get("/v1/playground").json()
     by_id = {c["id"]: c for c in info["checkpoints"]}
     assert set(by_id) == {"demo", "demo-recon"} and by_id["demo"]["default"]
-    seen_descriptions = sum(len(SUITE.train_descriptions[t]) for t in SUITE.seen)
     for c in by_id.values():
         assert c["try"]["available"] and c["try"]["reason"] is None
         assert c["try"]["examples"] and all(x.isalpha() for x in c["try"]["examples"])
-        assert c["novelty"] == {"available": True, "reason": None, "descriptions": seen_descriptions}
+        assert c["novelty"] == {"available": True, "reason": None, "descriptions": REFERENCES}
         assert c["suggestions"][0] == SUITE.eval_descriptions[SUITE.seen[0]][0]
+        # evaluation phrasings of eight seen tasks spread over the suite, not eight of one family
+        tasks = [next(t for t in SUITE.seen if SUITE.eval_descriptions[t][0] == d) for d in c["suggestions"]]
+        assert len(set(tasks)) == 8 and len({t.split("_")[0] for t in tasks}) >= 4, tasks
     assert info["limits"] == {"max_inputs": 8, "max_input_chars": 64, "max_text_chars": 200_000}
 
 
@@ -193,14 +198,14 @@ def test_stats_and_novelty_of_unknown_or_malformed_ids_are_404(client):
 
 
 def test_novelty_of_a_training_description_is_a_replica_of_its_adapter(client):
-    task = "brackets"
-    description = SUITE.train_descriptions[task][0]
+    task = "wrap_square"
+    description = SUITE.train_descriptions[task][0]  # every seen task's first description is a reference
     adapter_id, data = generate(client, description)
     r = client.get(f"/v1/adapters/{adapter_id}/novelty")
     assert r.status_code == 200, r.text
     n = r.json()
     assert n["available"] and n["checkpoint"] == "demo"
-    assert n["training_adapters"] == sum(len(SUITE.train_descriptions[t]) for t in SUITE.seen)
+    assert n["training_adapters"] == REFERENCES
     nearest = n["nearest"][0]
     assert (nearest["task"], nearest["description"]) == (task, description)
     assert nearest["distance"] < 1e-3 * n["norm"]  # its own adapter, up to the rounding of a batched forward
@@ -210,10 +215,12 @@ def test_novelty_of_a_training_description_is_a_replica_of_its_adapter(client):
 
 
 def test_novelty_distances_are_those_of_the_full_matrices(client):
-    # a description no model trained on, for a seen task: near that task's training adapters, not a copy
-    adapter_id, data = generate(client, SUITE.eval_descriptions["brackets"][0])
+    # a description no model trained on, for a seen task: nearest that task's training adapters, not a copy, and
+    # nearer than unrelated text
+    adapter_id, data = generate(client, SUITE.eval_descriptions["wrap_square"][0])
     n = client.get(f"/v1/adapters/{adapter_id}/novelty").json()
-    assert n["nearest"][0]["task"] == "brackets" and n["verdict"] == "near", n
+    unrelated = client.get(f"/v1/adapters/{generate(client, SUITE.unrelated[0])[0]}/novelty").json()
+    assert n["nearest"][0]["task"] == "wrap_square" and 0.05 <= n["ratio"] < unrelated["ratio"], (n, unrelated)
     for neighbour in n["nearest"][:2]:  # each distance, against the full ΔW of that training description's adapter
         _, training = generate(client, neighbour["description"])
         assert neighbour["distance"] == pytest.approx(full_distance(data, training), rel=1e-4, abs=1e-4)
@@ -332,6 +339,7 @@ def test_keys_guard_everything_but_the_page_and_try_has_its_own_limit(keyed):
         for r in (tried.result(), compared.result()):
             assert r.status_code == 200, r.text
     assert tried.result().json()["rows"][0]["adapted"] == "[jcdg]" and compared.result().json()["checkpoint"] == "mine"
+    assert compared.result().json()["training_adapters"] == 400  # LORAGEN_PLAYGROUND_REFERENCES
     r = c.post("/v1/try", json=body, headers=_auth(KEYS[0]))
     assert r.status_code == 200 and r.json()["rows"][0]["adapted"] == "[jcdg]", r.text
     r = c.post("/v1/try", json=body, headers=_auth(KEYS[0]))
@@ -355,6 +363,21 @@ def test_the_setting_turns_the_page_and_try_off(lone_ckpt, tmp_path):
         proc.stop()
 
 
+def test_novelty_compares_with_at_most_the_configured_references_every_seen_task_first(lone_ckpt):
+    from generator.checkpoint import load_checkpoint
+    from service.playground import find_target
+    from service.settings import Settings
+
+    n = len(SUITE.seen) + 6
+    settings = Settings(checkpoints={"lone": str(lone_ckpt)}, playground_references=n,
+                        playground_suites={"lone": str(DEMO_BUNDLE / "suite.json")})
+    target = find_target("lone", str(lone_ckpt), load_checkpoint(lone_ckpt), settings)
+    assert len(target.descriptions) == n < sum(len(SUITE.train_descriptions[t]) for t in SUITE.seen)
+    first = target.descriptions[:len(SUITE.seen)]
+    assert first == [(t, SUITE.train_descriptions[t][0]) for t in SUITE.seen]
+    assert target.descriptions[len(SUITE.seen):] == [(t, SUITE.train_descriptions[t][1]) for t in SUITE.seen[:6]]
+
+
 def test_a_base_model_that_does_not_fit_the_checkpoint_is_not_used(lone_ckpt, tmp_path):
     from transformers import LlamaConfig
 
@@ -368,7 +391,7 @@ def test_a_base_model_that_does_not_fit_the_checkpoint_is_not_used(lone_ckpt, tm
                         playground_suites={"lone": str(DEMO_BUNDLE / "suite.json")})
     target = find_target("lone", str(lone_ckpt), load_checkpoint(lone_ckpt), settings)
     assert target.base is None and "has 2 layers" in target.base_reason and "for 4 layers" in target.base_reason
-    assert target.suite == DEMO_BUNDLE / "suite.json" and len(target.descriptions) == 520
+    assert target.suite == DEMO_BUNDLE / "suite.json" and len(target.descriptions) == REFERENCES
     fits = find_target("lone", str(lone_ckpt), load_checkpoint(lone_ckpt), Settings(
         checkpoints={"lone": str(lone_ckpt)}, playground_bases={"lone": str(DEMO_BUNDLE / "base")}))
     assert fits.base == DEMO_BUNDLE / "base" and fits.base_reason is None and "a" in fits.alphabet
@@ -426,11 +449,12 @@ def browser():
 
 def _wait(driver, predicate):
     """Poll the page until `predicate` holds; past the deadline, fail saying what the page shows."""
-    from selenium.common.exceptions import TimeoutException
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    try:
-        return WebDriverWait(driver, PAGE_DEADLINE_S, poll_frequency=0.1).until(predicate)
+    try:  # an element the page replaced between finding and reading it: the page is changing, poll again
+        return WebDriverWait(driver, PAGE_DEADLINE_S, poll_frequency=0.1,
+                             ignored_exceptions=(StaleElementReferenceException,)).until(predicate)
     except TimeoutException:
         shown = {i: _by_id(driver, i).text for i in ("error", "status", "adapter-id", "chart-caption", "novelty-summary",
                                                       "try-unavailable", "try-status", "try-error")}
@@ -490,7 +514,7 @@ def test_in_a_browser_describe_generate_see_the_chart_novelty_and_try_it(browser
     _wait(browser, lambda d: _by_id(d, "novelty-table").is_displayed())
     novelty = client.get(f"/v1/adapters/{adapter_id}/novelty").json()
     first_row = _all(browser, "#novelty-table tbody tr")[0].text
-    assert novelty["nearest"][0]["description"] in first_row and "brackets" in first_row
+    assert novelty["nearest"][0]["description"] in first_row and "wrap_square" in first_row
     assert _by_id(browser, "novelty-summary").get_attribute("data-verdict") == novelty["verdict"]
     _screenshot(browser, tmp_path / "playground.png")
     # the user's own inputs

@@ -250,7 +250,7 @@ def test_scaled_down_build_lowers_every_loss_and_writes_artifacts(mini_bundle):
         assert ck.config.base_model == "loragen/demo-base" and ck.config.target_modules == ["q_proj", "v_proj"]
     build = json.loads((out / "build.json").read_text())
     assert set(build["stage_seconds"]) == {"suite", "base", "library", "recon", "sft", "eval"}
-    assert build["command"].endswith("--universe")
+    assert build["command"] == f"loragen train demo --out {out} --seed 0"  # the universe is the default
 
 
 @pytest.mark.slow

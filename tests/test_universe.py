@@ -201,17 +201,31 @@ def test_the_universe_is_fixed_by_its_seed(tmp_path, suite):
     assert build_universe_suite(UniverseConfig(seed=1, **small)).splits != Suite.load(a).splits
 
 
-def test_train_suite_cli_writes_the_universe(tmp_path, capsys):
+def test_train_suite_cli_writes_the_universe_by_default_and_the_basic_suite_when_asked(tmp_path, capsys):
+    from generator.train.suite import Suite
     from service.cli import main
 
     out = tmp_path / "universe.json"
-    assert main(["train", "suite", "--universe", "--examples", "20", "--out", str(out)]) == 0
+    assert main(["train", "suite", "--examples", "20", "--out", str(out)]) == 0
     line = capsys.readouterr().out
     assert "new_values" in line and "new_compositions" in line and "new_families" in line
-    from generator.train.suite import Suite
-
     s = Suite.load(out)
     assert len(s.tasks) >= 500 and len(s.train_examples[s.tasks[0]]) == 20
+    assert main(["train", "suite", "--universe", "--examples", "20", "--out", str(tmp_path / "u2.json")]) == 0
+    assert (tmp_path / "u2.json").read_bytes() == out.read_bytes()
+    assert main(["train", "suite", "--basic", "--examples", "20", "--out", str(tmp_path / "basic.json")]) == 0
+    basic = Suite.load(tmp_path / "basic.json")
+    assert len(basic.tasks) == 34 and len(basic.held_out) == 8 and not basic.splits
+
+
+def test_train_demo_cli_takes_one_suite(capsys):
+    from service.cli import main
+
+    with pytest.raises(SystemExit) as exc:  # argparse-level errors exit through SystemExit
+        main(["train", "demo", "--basic", "--universe", "--out", "unused"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--universe: not allowed with argument --basic" in err[0], err
 
 
 def test_a_smaller_universe_of_chosen_families_keeps_three_splits():

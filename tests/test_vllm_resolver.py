@@ -7,6 +7,7 @@ directory with PEFTHelper and LoRAModel.from_local_checkpoint, which these tests
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import subprocess
@@ -227,7 +228,8 @@ def test_an_id_resolves_to_a_peft_directory_vllm_loads(server, ids, resolver, mo
     model = load_as_vllm_does(request)
     assert set(model.loras) == LAYERS and model.rank == 8
     q0 = model.loras["model.layers.0.self_attn.q_proj"]
-    assert q0.lora_a.shape == (8, 128) and q0.lora_b.shape == (128, 8)
+    hidden = json.loads((DEMO_CHECKPOINTS["demo"].parent / "base" / "config.json").read_text())["hidden_size"]
+    assert q0.lora_a.shape == (8, hidden) and q0.lora_b.shape == (hidden, 8)
     assert q0.scaling == pytest.approx(16 / math.sqrt(8))  # rsLoRA, as PEFT applies it
 
 

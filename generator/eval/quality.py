@@ -2,7 +2,7 @@
 geometry in delta-W space, and a map of the adapters.
 
 Every row is evaluated on each split of the suite (`Suite.evaluated()`): seen tasks, described in words
-never used in training, and each held-out split (tasks never shown to the hypernetwork: the demo suite's
+never used in training, and each held-out split (tasks never shown to the hypernetwork: the basic suite's
 one, or the universe's new values, new compositions and new families), with no instruction in the prompt
 unless the row says so.
 Adapters are applied with `FunctionalLora` (what PEFT computes, checked in the tests); example i of a task

@@ -1,7 +1,7 @@
 """`loragen train ...` and `loragen eval`: argument parsers and commands (imports nothing heavy until run).
 
-    loragen train suite --out suite.json             the demo task suite from a seed
-    loragen train suite --universe --out suite.json  the task universe (500+ tasks, three held-out splits)
+    loragen train suite --out suite.json             the task universe (500+ tasks, three held-out splits)
+    loragen train suite --basic --out suite.json     the basic suite (34 tasks, 8 held out)
     loragen train base  --suite S --out DIR          pretrain the tiny Llama on instruction-prefixed examples
     loragen train lora  --base B --suite S --task T [--task T2 ...] --out DIR    a PEFT LoRA (oracle or multi-task)
     loragen train lora  --base B --suite S --all --out LIBRARY                   every task's oracle + multi-task
@@ -26,7 +26,8 @@ from generator import DEMO_BUNDLE
 
 
 def add_parsers(sub) -> None:
-    t = sub.add_parser("train", help="train the demo suite's models: suite | base | lora | recon | sft | demo")
+    t = sub.add_parser("train", help="task suites, base models, oracle LoRAs and hypernetworks: "
+                                     "suite | base | lora | recon | sft | demo | scaling")
     stages = t.add_subparsers(dest="stage", required=True, parser_class=type(t))
 
     def loop_args(sp, steps: int, lr: float) -> None:
@@ -72,17 +73,25 @@ def add_parsers(sub) -> None:
                         help="also feed the first token's state (the pooled embedding) straight to the task code; the "
                              "reader's part starts at zero, so training starts from the pooled hypernetwork")
 
+    def suite_choice(sp) -> None:
+        which = sp.add_mutually_exclusive_group()
+        which.add_argument("--basic", dest="universe", action="store_false",
+                           help="the basic suite (34 tasks, 8 held out) instead of the task universe")
+        which.add_argument("--universe", dest="universe", action="store_true", default=True,
+                           help="the task universe: hundreds of tasks from parametric families and compositions, with "
+                                "three held-out splits (new parameter values, new compositions, new families); the default")
+
     def tasks_arg(sp) -> None:
         sp.add_argument("--tasks", "--suite", dest="suite", required=True, metavar="FILE",
                         help="a task collection (JSONL, one task per line) or a suite file from `loragen train suite`")
 
-    s = stages.add_parser("suite", help="write the demo task suite (tasks, descriptions split, examples) as JSON")
+    s = stages.add_parser("suite", help="write a task suite (tasks, descriptions split, examples) as JSON: the task "
+                                        "universe, or with --basic the 34-task suite")
     s.add_argument("--out", required=True, metavar="FILE")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--examples", type=int, help="training examples per task (default: 400; 200 in the universe)")
-    s.add_argument("--universe", action="store_true",
-                   help="the task universe: hundreds of tasks from parametric families and compositions, "
-                        "with three held-out splits (new parameter values, new compositions, new families)")
+    s.add_argument("--examples", type=int, help="training examples per task (default: 200 in the universe, 400 in the "
+                                                "basic suite)")
+    suite_choice(s)
 
     b = stages.add_parser("base", help="pretrain the tiny Llama base model on instruction-prefixed examples")
     tasks_arg(b)
@@ -131,8 +140,7 @@ def add_parsers(sub) -> None:
     d.add_argument("--out", default=str(DEMO_BUNDLE), metavar="DIR", help=f"default: {DEMO_BUNDLE}")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scaled-down", action="store_true", help="a one-minute version (tests, smoke checks)")
-    d.add_argument("--universe", action="store_true",
-                   help="build on the task universe (500+ tasks, three held-out splits) instead of the 34-task suite")
+    suite_choice(d)
     d.add_argument("--no-eval", action="store_true")
     d.add_argument("--quiet", action="store_true")
     reader_args(d)
@@ -280,7 +288,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "demo":
         from generator.train.demo import DemoConfig, build_demo
 
-        if args.universe:
+        if args.universe:  # the default: the committed bundle's build
             cfg = DemoConfig.scaled_down_universe(args.seed) if args.scaled_down else DemoConfig.universe_build(args.seed)
         else:
             cfg = DemoConfig.scaled_down(args.seed) if args.scaled_down else DemoConfig().with_seed(args.seed)

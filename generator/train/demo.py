@@ -1,7 +1,7 @@
-"""Build the demo bundle end to end from one seed: `loragen train demo --out DIR [--universe]`.
+"""Build the demo bundle end to end from one seed: `loragen train demo --out DIR [--basic]`.
 
-    DIR/suite.json          the task suite (tasks, description split, examples, documents): the demo suite
-                            of 34 tasks, or with --universe the task universe (see universe.py)
+    DIR/suite.json          the task suite (tasks, description split, examples, documents): the task universe
+                            (see universe.py), or with --basic the basic suite of 34 tasks (see suite.py)
     DIR/base/               the tiny Llama base model (Hugging Face format), pretrained on instructions
     DIR/library/<task>/     oracle PEFT LoRA per task (of the universe: the tasks evaluation scores and a
                             fixed sample of seen tasks for reconstruction); library/_multitask/ the
@@ -50,7 +50,7 @@ class DemoConfig:
     sft: LoopConfig = LoopConfig(steps=1200, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
     hyper: dict = field(default_factory=lambda: {"latent": 64, "head_in": 128})
     reader: ReaderSpec | None = None  # the hypernetworks read token states through this reader; None: pooled
-    universe: UniverseConfig | None = None  # None: the demo suite; else the task universe of this config
+    universe: UniverseConfig | None = None  # None: the basic suite; else the task universe of this config
     n_recon_library: int = 32  # universe only: seen tasks with an oracle for reconstruction to learn from
 
     @classmethod
@@ -107,7 +107,7 @@ class DemoConfig:
                                             n_eval_examples=self.n_eval_examples))
 
     def library_tasks(self, suite: Suite) -> list[str] | None:
-        """The tasks that get an oracle: all of the demo suite's; of a universe, those evaluation scores
+        """The tasks that get an oracle: all of the basic suite's; of a universe, those evaluation scores
         and a fixed sample of seen ones for reconstruction (None: all)."""
         if self.universe is None:
             return None
@@ -170,7 +170,7 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     build = {"config": asdict(cfg), "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
              "torch": torch.__version__,
              "threads": torch.get_num_threads(),
-             "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}{' --universe' if cfg.universe else ''}"
+             "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}{'' if cfg.universe else ' --basic'}"
                         f"{' --reader' if cfg.reader else ''}"}
     build_file.write_text(json.dumps(build, indent=1) + "\n")
     return {"build": build, "eval": result}
