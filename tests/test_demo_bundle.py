@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from dataclasses import asdict
+from functools import cache
 from pathlib import Path
 
 import httpx
@@ -63,6 +64,14 @@ def test_serve_with_no_arguments_serves_the_trained_demo(demo_server):
     assert set(DEMO_CHECKPOINTS) <= set(re.findall(r'"(demo[\w-]*)"', text))
 
 
+@cache
+def _suite():
+    """The committed suite (8 MB of JSON), read once for the tests that need it."""
+    from generator.train.suite import Suite
+
+    return Suite.load(DEMO_BUNDLE / "suite.json")
+
+
 def _served_accuracy(url: str, description: str, task: str, tmp_path: Path) -> tuple[int, int, int]:
     """(right with the adapter, right without it, examples): PEFT loads the adapter the service returns for
     `description` onto the demo base model, which reads no instruction, on the task's evaluation examples."""
@@ -70,9 +79,7 @@ def _served_accuracy(url: str, description: str, task: str, tmp_path: Path) -> t
     from safetensors import safe_open
 
     from generator.train.basemodel import canonical, greedy, load_base, prompt
-    from generator.train.suite import Suite
-
-    suite = Suite.load(DEMO_BUNDLE / "suite.json")
+    suite = _suite()
     r = httpx.post(f"{url}/generate", json={"task": description}, timeout=120)
     assert r.status_code == 200, r.text
     (tmp_path / "adapter_model.safetensors").write_bytes(r.content)
@@ -90,9 +97,7 @@ def _served_accuracy(url: str, description: str, task: str, tmp_path: Path) -> t
 
 def _evaluation_words(task: str, description: str) -> str:
     """`description`, checked to be an evaluation phrasing of `task` that no training description contains."""
-    from generator.train.suite import Suite
-
-    suite = Suite.load(DEMO_BUNDLE / "suite.json")
+    suite = _suite()
     assert description.rstrip(".") in [d.rstrip(".") for d in suite.eval_descriptions[task]]
     words = description.rstrip(".").lower()
     assert all(words not in d.lower() for ds in suite.train_descriptions.values() for d in ds)
@@ -101,10 +106,8 @@ def _evaluation_words(task: str, description: str) -> str:
 
 def test_served_adapter_does_a_seen_task_described_in_new_words(demo_server, tmp_path):
     """The README walk-through's first step: a seen task in an evaluation phrasing."""
-    from generator.train.suite import Suite
-
     task, description = SEEN_TASK
-    assert task in Suite.load(DEMO_BUNDLE / "suite.json").seen
+    assert task in _suite().seen
     right, base_right, n = _served_accuracy(demo_server.url, _evaluation_words(task, description), task, tmp_path)
     assert right >= 0.5 * n and right > base_right
 
@@ -112,10 +115,8 @@ def test_served_adapter_does_a_seen_task_described_in_new_words(demo_server, tmp
 def test_served_adapter_does_a_task_the_hypernetwork_never_trained_on(demo_server, tmp_path):
     """Zero-shot: a task of the new-parameter-values split, which no hypernetwork training step saw, described
     in evaluation words, gets an adapter that does it."""
-    from generator.train.suite import Suite
-
     task, description = NEVER_TRAINED_TASK
-    suite = Suite.load(DEMO_BUNDLE / "suite.json")
+    suite = _suite()
     assert task in suite.held_out_splits["new_values"] and task not in suite.seen
     right, base_right, n = _served_accuracy(demo_server.url, _evaluation_words(task, description), task, tmp_path)
     assert right >= 0.5 * n and right > base_right
