@@ -6,7 +6,7 @@ demo base model, and watch it do the task with no instruction in the prompt.
     python examples/quickstart.py --suite-task take_last_3 --task "Cut the word down to its last three letters."
 
 Inputs are the demo bundle's evaluation examples of the task named by --suite-task. The default task,
-replacing t with p, is one the hypernetwork never trained on (other replacements, with t and with p, it
+replacing t with m, is one the hypernetwork never trained on (other replacements, with t and with m, it
 did), described in words no training step used. take_last_3 is held out the same way, and there the demo's
 adapters fail: docs/training-and-quality.md has the quality table for every split.
 """
@@ -31,8 +31,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
-    p.add_argument("--suite-task", default="replace_t_p", help="which task's examples to run")
-    p.add_argument("--task", default="Replace every t with p.",
+    p.add_argument("--suite-task", default="replace_t_m", help="which task's examples to run")
+    p.add_argument("--task", default="Replace every t with m.",
                    help="the description sent to loragen")
     p.add_argument("-n", type=int, default=8, help="examples to show")
     args = p.parse_args()

@@ -215,12 +215,13 @@ def test_novelty_of_a_training_description_is_a_replica_of_its_adapter(client):
 
 
 def test_novelty_distances_are_those_of_the_full_matrices(client):
-    # a description no model trained on, for a seen task: nearest that task's training adapters, not a copy, and
-    # nearer than unrelated text
+    # a description no model trained on, for a seen task: nearest the training adapters of a task that does it
+    # (wrap_square, or a composition ending in it), not a copy, and nearer than unrelated text
     adapter_id, data = generate(client, SUITE.eval_descriptions["wrap_square"][0])
     n = client.get(f"/v1/adapters/{adapter_id}/novelty").json()
     unrelated = client.get(f"/v1/adapters/{generate(client, SUITE.unrelated[0])[0]}/novelty").json()
-    assert n["nearest"][0]["task"] == "wrap_square" and 0.05 <= n["ratio"] < unrelated["ratio"], (n, unrelated)
+    assert "wrap_square" in n["nearest"][0]["task"].split(".then."), (n, unrelated)
+    assert 0.05 <= n["ratio"] < unrelated["ratio"], (n, unrelated)
     for neighbour in n["nearest"][:2]:  # each distance, against the full ΔW of that training description's adapter
         _, training = generate(client, neighbour["description"])
         assert neighbour["distance"] == pytest.approx(full_distance(data, training), rel=1e-4, abs=1e-4)

@@ -271,6 +271,8 @@ def test_universe_build_trains_oracles_where_needed_and_evaluates_every_split(mi
         log = json.loads((out / stage / "train_log.json").read_text())
         assert log["table"]["sha256"] == texts_digest(suite.training_texts()), stage
         assert not set(log["tasks"]) & set(suite.held_out), stage
+    sft_log = json.loads((out / "t2l-sft" / "train_log.json").read_text())  # SFT samples as the build config says
+    assert (sft_log["batch_size"], sft_log["pack"]) == (16, 1) == tuple(DemoConfig.scaled_down_universe(0).sft_batch.values())
     quality = json.loads((out / "eval" / "quality.json").read_text())
     assert quality == json.loads(json.dumps(result["eval"]))
     for row in quality["rows"].values():
@@ -341,6 +343,7 @@ def test_trained_hypernetwork_beats_the_untrained_one_on_a_seen_task(mini_bundle
     (["train", "base", "--suite", "SUITE", "--out", "OUT", "--steps", "0"], "--steps and --batch-size must be positive"),
     (["train", "base", "--suite", "SUITE", "--out", "OUT", "--pack", "0"], "--pack must be positive"),
     (["train", "lora", "--suite", "SUITE", "--base", "BASE", "--task", "no_such_task", "--out", "OUT"], "unknown tasks"),
+    (["train", "sft", "--suite", "SUITE", "--base", "BASE", "--out", "OUT", "--pack", "0"], "--pack must be positive"),
 ])
 def test_train_and_eval_cli_errors_are_one_line(argv, needle, tmp_path, capsys):
     from transformers import LlamaForCausalLM
@@ -382,6 +385,12 @@ def test_scaling_study_trains_nested_subsets_and_reports_every_split(mini_bundle
     small = json.loads((tmp_path / "sc" / "sft-2" / "train_log.json").read_text())["tasks"]
     larger = json.loads((tmp_path / "sc" / "sft-4" / "train_log.json").read_text())["tasks"]
     assert len(small) == 2 and len(larger) == 4 and set(small) < set(larger) <= set(suite.seen)  # nested; never held out
+    # every size trains with the bundle's own SFT batch and pack (its build.json), as the command records
+    own = json.loads((out / "build.json").read_text())["config"]["sft_batch"]
+    assert own == {"batch_size": 16, "pack": 1}  # not the CLI's fallbacks (32, 2): the defaults came from build.json
+    log = json.loads((tmp_path / "sc" / "sft-2" / "train_log.json").read_text())
+    assert (log["batch_size"], log["pack"]) == (16, 1) and (result["batch_size"], result["pack"]) == (16, 1)
+    assert "--batch-size 16 --pack 1" in result["command"]
     from generator.eval.scaling import parse_sizes, subsets
 
     assert parse_sizes("4,all,2,4", n_all) == [2, 4, n_all] and subsets(suite.seen, [n_all], 0)[n_all] == sorted(suite.seen)

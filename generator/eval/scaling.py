@@ -50,9 +50,11 @@ def parse_sizes(text: str, n_seen: int) -> list[int]:
 
 
 def run_scaling(bundle_dir: str | Path, out_dir: str | Path, sizes: list[int], sft_cfg, *, seed: int = 0,
-                n_examples: int | None = None, command: str = "", reader=None) -> dict:
-    """Train and evaluate one T2L SFT per size; write scaling.json, .md and .png into out_dir. `reader`
-    (a ReaderSpec): train token-reader hypernetworks instead of the bundle's own conditioning."""
+                n_examples: int | None = None, command: str = "", reader=None, batch_size: int = 32,
+                pack: int = 2) -> dict:
+    """Train and evaluate one T2L SFT per size (`batch_size` samples of `pack` examples per step); write
+    scaling.json, .md and .png into out_dir. `reader` (a ReaderSpec): train token-reader hypernetworks instead
+    of the bundle's own conditioning."""
     from generator.checkpoint import load_checkpoint
     from generator.eval.quality import Bundle, Evaluator
     from generator.train.conditioning import training_table
@@ -66,14 +68,15 @@ def run_scaling(bundle_dir: str | Path, out_dir: str | Path, sizes: list[int], s
     config = load_checkpoint(bundle.sft).config  # the bundle's own architecture, encoder and base model
     if reader is not None:
         config = replace(config, reader=reader)
-    result: dict = {"bundle": str(bundle.root), "seed": seed, "steps": sft_cfg.steps,
+    result: dict = {"bundle": str(bundle.root), "seed": seed, "steps": sft_cfg.steps, "batch_size": batch_size, "pack": pack,
                     "conditioning": "token reader" if config.reader else "pooled embedding", "sizes": {}}
     for n, tasks in subsets(suite.seen, sizes, seed).items():
         ckpt = out / f"sft-{n}"
         if not (ckpt / "model.safetensors").exists():
             log.info("scaling: T2L SFT on %d tasks", n)
             part = suite.with_seen(tasks)
-            train_sft(config, part, bundle.base, ckpt, replace(sft_cfg, seed=seed), table=training_table(config, part))
+            train_sft(config, part, bundle.base, ckpt, replace(sft_cfg, seed=seed), table=training_table(config, part),
+                      batch_size=batch_size, pack=pack)
         ev = Evaluator(bundle, n_examples, sft=ckpt)
         row = ev.evaluate([ROW])[ROW]
         result["sizes"][n] = {split: score for split, score in row.items() if split != "per_task"}
@@ -100,8 +103,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     if result.get("command"):
-        text += (f"\nMade by `{result['command']}` ({result['steps']} SFT steps for every size; conditioning: "
-                 f"{result['conditioning']}).\n")
+        text += (f"\nMade by `{result['command']}` ({result['steps']} SFT steps of {result.get('batch_size', 32)} samples "
+                 f"for every size; conditioning: {result['conditioning']}).\n")
     return text
 
 

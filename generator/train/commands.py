@@ -19,6 +19,7 @@ conditioned on the task text's token states (--reader-latents, --reader-width, -
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -126,6 +127,8 @@ def add_parsers(sub) -> None:
             h.add_argument("--library", required=True, metavar="DIR")
         else:
             h.add_argument("--document-share", type=float, default=0.3, help="share of samples conditioned on a document")
+            h.add_argument("--pack", type=int, default=2, help="examples per training sample (default 2); 1 trains on "
+                           "prompts as they are served: one input, no earlier pair of the task to copy from")
         lora_args(h, template=name == "sft", base_id=True)
         h.add_argument("--pooling", choices=["cls", "mean"],
                        help="how the encoder's token states become one task embedding: its first token's state (T2L's "
@@ -150,7 +153,10 @@ def add_parsers(sub) -> None:
     sc.add_argument("--bundle", default=str(DEMO_BUNDLE), metavar="DIR", help=f"default: {DEMO_BUNDLE}")
     sc.add_argument("--sizes", default="32,128,512,all", help="numbers of seen tasks, comma separated; 'all' for every one")
     sc.add_argument("--out", required=True, metavar="DIR")
-    sc.add_argument("--steps", type=int, default=1200, help="SFT steps for every size (default: the demo build's)")
+    sc.add_argument("--steps", type=int, help="SFT steps for every size (default: the bundle's own SFT's, from its "
+                    "build.json; else 1200)")
+    sc.add_argument("--batch-size", type=int, help="SFT samples per step (default: the bundle's own SFT's; else 32)")
+    sc.add_argument("--pack", type=int, help="examples per SFT sample (default: the bundle's own SFT's; else 2)")
     sc.add_argument("--seed", type=int, default=0, help="draws the nested task subsets and seeds training")
     sc.add_argument("--examples", type=int, help="evaluation examples per task (default: all in the suite)")
     sc.add_argument("--quiet", action="store_true")
@@ -352,7 +358,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             from generator.train.sft import train_sft
 
-            log = train_sft(config, suite, base, args.out, _loop(args), batch_size=args.batch_size,
+            if args.pack < 1:
+                raise InputError("--pack must be positive")
+            log = train_sft(config, suite, base, args.out, _loop(args), batch_size=args.batch_size, pack=args.pack,
                             document_share=args.document_share, template=template, dropout=args.dropout)
     print(f"wrote {args.out}: loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} in {log['elapsed_s']:.0f} s "
           f"(train_log.json, loss.png)")
@@ -366,19 +374,31 @@ def _scaling(args: argparse.Namespace) -> int:
     from generator.train.suite import Suite
 
     bundle = _bundle(args.bundle)
-    if args.steps < 1 or (args.examples is not None and args.examples < 1):
-        raise InputError("--steps and --examples must be positive")
+    own = _bundle_sft_settings(bundle)
+    steps, batch_size, pack = (own[k] if getattr(args, k) is None else getattr(args, k) for k in ("steps", "batch_size", "pack"))
+    if min(steps, batch_size, pack) < 1 or (args.examples is not None and args.examples < 1):
+        raise InputError("--steps, --batch-size, --pack and --examples must be positive")
     sizes = parse_sizes(args.sizes, len(Suite.load(bundle / "suite.json").seen))
-    cfg = LoopConfig(steps=args.steps, lr=1e-3, warmup=min(50, max(1, args.steps // 10)), ckpt_every=200,
+    cfg = LoopConfig(steps=steps, lr=1e-3, warmup=min(50, max(1, steps // 10)), ckpt_every=200,
                      log_every=25, progress=not args.quiet)
     reader = _reader_spec(args)
-    command = (f"loragen train scaling --bundle {args.bundle} --sizes {args.sizes} --steps {args.steps} --seed {args.seed}"
-               + (" --reader" if reader else ""))
+    command = (f"loragen train scaling --bundle {args.bundle} --sizes {args.sizes} --steps {steps} --batch-size {batch_size} "
+               f"--pack {pack} --seed {args.seed}" + (" --reader" if reader else ""))
     result = run_scaling(bundle, args.out, sizes, cfg, seed=args.seed, n_examples=args.examples, command=command,
-                         reader=reader)
+                         reader=reader, batch_size=batch_size, pack=pack)
     print(markdown(result))
     print(f"wrote {args.out}: scaling.md, scaling.json, scaling.png")
     return 0
+
+
+def _bundle_sft_settings(bundle: Path) -> dict:
+    """The steps, batch size and pack of the bundle's own SFT, from the build.json `loragen train demo` wrote
+    (what the scaling study repeats per size); 1200 / 32 / 2 for a bundle without one."""
+    try:
+        config = json.loads((bundle / "build.json").read_text(encoding="utf-8"))["config"]
+        return {"steps": int(config["sft"]["steps"]), **{k: int(v) for k, v in config.get("sft_batch", {}).items()}}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"steps": 1200, "batch_size": 32, "pack": 2}
 
 
 def _bundle(path: str) -> Path:

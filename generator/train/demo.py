@@ -48,6 +48,9 @@ class DemoConfig:
     multitask: LoopConfig = LoopConfig(steps=160, lr=5e-3, warmup=10, ckpt_every=0, log_every=10)
     recon: LoopConfig = LoopConfig(steps=1500, lr=1e-3, warmup=50, ckpt_every=500, log_every=25)
     sft: LoopConfig = LoopConfig(steps=1200, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
+    # samples per SFT step, and examples per sample (a sample's prompt after the first example shows a pair
+    # of the task, which a served prompt never does)
+    sft_batch: dict = field(default_factory=lambda: {"batch_size": 32, "pack": 2})
     hyper: dict = field(default_factory=lambda: {"latent": 64, "head_in": 128})
     reader: ReaderSpec | None = None  # the hypernetworks read token states through this reader; None: pooled
     universe: UniverseConfig | None = None  # None: the basic suite; else the task universe of this config
@@ -70,6 +73,7 @@ class DemoConfig:
         """The full build on the task universe. The base model reads each task's program and sees one
         example per sequence, so every completion depends on the program (packed examples would let it copy
         the task from earlier pairs); focused draws spend most of its steps on the tasks it gets wrong.
+        SFT, too, shows one example per sample, as a served prompt does, in batches of 96.
         Evaluated tasks and a small sample of seen ones get an oracle. The
         hypernetworks read pooled embeddings: with the same steps, token-reader SFT learned far less
         (docs/training.md)."""
@@ -78,6 +82,7 @@ class DemoConfig:
         base = LoopConfig(steps=6000, lr=3e-3, warmup=100, ckpt_every=250, log_every=25)
         sft = LoopConfig(steps=2400, lr=1e-3, warmup=50, ckpt_every=200, log_every=25)
         return replace(cls(), universe=UniverseConfig(), n_train_examples=200, base=base, sft=sft, n_recon_library=16,
+                       sft_batch={"batch_size": 96, "pack": 1},
                        lora=LoopConfig(steps=60, lr=5e-3, warmup=10, ckpt_every=0, log_every=10),
                        base_size={"hidden": 160, "layers": 4, "heads": 5, "intermediate": 480,
                                   "batch_size": 64, "pack": 1, "focus": 0.6}).with_seed(seed)
@@ -89,7 +94,8 @@ class DemoConfig:
 
         small = UniverseConfig(seed=seed, families=SMALL_UNIVERSE, n_new_families=1, n_compositions=60,
                                n_train_descriptions=6, n_eval_descriptions=3, n_docs=2, eval_tasks_per_split=2)
-        return replace(cls.scaled_down(seed), universe=small, n_eval_examples=6, n_recon_library=6)
+        return replace(cls.scaled_down(seed), universe=small, n_eval_examples=6, n_recon_library=6,
+                       sft_batch={"batch_size": 16, "pack": 1})
 
     def with_seed(self, seed: int) -> DemoConfig:
         from dataclasses import replace
@@ -160,7 +166,7 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     stage("recon", (b.recon / "model.safetensors").exists(),
           lambda: train_recon(config, suite, b.library, b.recon, loop(cfg.recon), table=table, tasks=recon_tasks))
     stage("sft", (b.sft / "model.safetensors").exists(),
-          lambda: train_sft(config, suite, b.base, b.sft, loop(cfg.sft), table=table))
+          lambda: train_sft(config, suite, b.base, b.sft, loop(cfg.sft), table=table, **cfg.sft_batch))
     result = {}
     if evaluate:
         stage("eval", False, lambda: result.update(run_eval(b.root)))

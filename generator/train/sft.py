@@ -49,7 +49,8 @@ def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: 
               template: str = "auto", dropout: float = 0.0) -> dict:
     """Train on the suite's seen tasks; conditioning is a training description, or with probability
     `document_share` a training document (so documents work as input too). Examples are written in the
-    prompt format `template` names for the base (see prompting.py). Default table: the training table, of
+    prompt format `template` names for the base (see prompting.py), `pack` examples per sample (1: as a
+    served prompt, one input and no earlier pair of the task). Default table: the training table, of
     token states when `config` has a token reader (config.reader), else of pooled embeddings. `dropout`:
     inside the hypernetwork while it trains (see `check_dropout`)."""
     check_dropout(dropout)
@@ -77,7 +78,8 @@ def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: 
         provenance = {"prompt_format": fmt.name, "base_model": config.base_model,
                       "table": {"texts": len(table.index), "sha256": table.digest}}  # what training could condition on
         log = train_loop(net, loss_at, cfg, out_dir, name="T2L SFT",
-                         extra_log={"tasks": tasks, "document_share": document_share, "dropout": dropout, **provenance})
+                         extra_log={"tasks": tasks, "document_share": document_share, "dropout": dropout,
+                                    "batch_size": batch_size, "pack": pack, **provenance})
     finally:
         lora.remove()
     Checkpoint.from_module(net, source=str(out_dir)).save(out_dir)
