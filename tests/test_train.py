@@ -335,6 +335,17 @@ def test_trained_hypernetwork_beats_the_untrained_one_on_a_seen_task(mini_bundle
     assert loss_with(trained.build()) < loss_with(untrained)
 
 
+def test_scaling_defaults_are_the_bundle_sft_settings_or_the_fallbacks(tmp_path):
+    from generator.train.commands import _bundle_sft_settings
+
+    assert _bundle_sft_settings(tmp_path) == {"steps": 1200, "batch_size": 32, "pack": 2}  # no build.json
+    (tmp_path / "build.json").write_text(json.dumps({"config": {"sft": {"steps": 2400}}}))  # built before sft_batch
+    assert _bundle_sft_settings(tmp_path) == {"steps": 2400, "batch_size": 32, "pack": 2}
+    own = {"sft": {"steps": 300}, "sft_batch": {"batch_size": 96, "pack": 1}}
+    (tmp_path / "build.json").write_text(json.dumps({"config": own}))
+    assert _bundle_sft_settings(tmp_path) == {"steps": 300, "batch_size": 96, "pack": 1}
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["eval", "/nonexistent/bundle"], "not a demo bundle"),
     (["train", "base", "--suite", "/nonexistent/suite.json", "--out", "OUT"], "task file /nonexistent/suite.json not found"),

@@ -394,11 +394,14 @@ def _scaling(args: argparse.Namespace) -> int:
 def _bundle_sft_settings(bundle: Path) -> dict:
     """The steps, batch size and pack of the bundle's own SFT, from the build.json `loragen train demo` wrote
     (what the scaling study repeats per size); 1200 / 32 / 2 for a bundle without one."""
+    settings = {"steps": 1200, "batch_size": 32, "pack": 2}
     try:
         config = json.loads((bundle / "build.json").read_text(encoding="utf-8"))["config"]
-        return {"steps": int(config["sft"]["steps"]), **{k: int(v) for k, v in config.get("sft_batch", {}).items()}}
-    except (OSError, ValueError, KeyError, TypeError):
-        return {"steps": 1200, "batch_size": 32, "pack": 2}
+        own = {"steps": config["sft"]["steps"], **config.get("sft_batch", {})}  # a bundle built before sft_batch: 32 x 2
+        settings.update({k: int(own[k]) for k in settings if k in own})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    return settings
 
 
 def _bundle(path: str) -> Path:
