@@ -393,8 +393,12 @@ def _scaling(args: argparse.Namespace) -> int:
 
 def _bundle_sft_settings(bundle: Path) -> dict:
     """The steps, batch size and pack of the bundle's own SFT, from the build.json `loragen train demo` wrote
-    (what the scaling study repeats per size); 1200 / 32 / 2 for a bundle without one."""
-    settings = {"steps": 1200, "batch_size": 32, "pack": 2}
+    (what the scaling study repeats per size); for a bundle without one, or built before sft_batch, those of
+    the basic build (`DemoConfig()`: 1200 / 32 / 2)."""
+    from generator.train.demo import DemoConfig
+
+    basic = DemoConfig()
+    settings = {"steps": basic.sft.steps, **basic.sft_batch}
     try:
         config = json.loads((bundle / "build.json").read_text(encoding="utf-8"))["config"]
         own = {"steps": config["sft"]["steps"], **config.get("sft_batch", {})}  # a bundle built before sft_batch: 32 x 2
