@@ -355,6 +355,7 @@ def test_scaling_defaults_are_the_bundle_sft_settings_or_the_fallbacks(tmp_path)
     (["train", "base", "--suite", "SUITE", "--out", "OUT", "--pack", "0"], "--pack must be positive"),
     (["train", "lora", "--suite", "SUITE", "--base", "BASE", "--task", "no_such_task", "--out", "OUT"], "unknown tasks"),
     (["train", "sft", "--suite", "SUITE", "--base", "BASE", "--out", "OUT", "--pack", "0"], "--pack must be positive"),
+    (["train", "demo", "--out", "OUT", "--base-steps", "0"], "--base-steps must be positive"),
 ])
 def test_train_and_eval_cli_errors_are_one_line(argv, needle, tmp_path, capsys):
     from transformers import LlamaForCausalLM
@@ -372,6 +373,29 @@ def test_train_and_eval_cli_errors_are_one_line(argv, needle, tmp_path, capsys):
     assert main([subst.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
+
+
+def test_demo_base_steps_flag_sets_the_base_stage_and_the_recorded_command():
+    """`loragen train demo --base-steps N` pretrains the base model N steps and nothing else changes; the
+    command build.json records says so, and the default build's command does not mention it."""
+    import argparse
+
+    from generator.train.commands import add_parsers, demo_command, demo_config
+    from generator.train.demo import DemoConfig
+
+    parser = argparse.ArgumentParser()
+    add_parsers(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "demo", "--out", "B", "--seed", "3"])
+    default = demo_config(args)
+    assert default == DemoConfig.universe_build(3)
+    assert demo_command(args) == "loragen train demo --out B --seed 3"
+    args = parser.parse_args(["train", "demo", "--out", "B", "--seed", "3", "--base-steps", "7500"])
+    longer = demo_config(args)
+    assert longer.base.steps == 7500 and replace(longer, base=default.base) == default
+    assert demo_command(args) == "loragen train demo --out B --seed 3 --base-steps 7500"
+    args = parser.parse_args(["train", "demo", "--out", "B", "--basic", "--scaled-down", "--base-steps", "9"])
+    assert demo_config(args) == replace(DemoConfig.scaled_down(0), base=replace(DemoConfig.scaled_down(0).base, steps=9))
+    assert demo_command(args) == "loragen train demo --out B --seed 0 --basic --scaled-down --base-steps 9"
 
 
 @pytest.mark.slow

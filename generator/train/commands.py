@@ -144,6 +144,8 @@ def add_parsers(sub) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--scaled-down", action="store_true", help="a one-minute version (tests, smoke checks)")
     suite_choice(d)
+    d.add_argument("--base-steps", type=int, metavar="N", help="base-model pretraining steps (default: the build's; "
+                   "6000 on the universe)")
     d.add_argument("--no-eval", action="store_true")
     d.add_argument("--quiet", action="store_true")
     reader_args(d)
@@ -292,16 +294,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.stage == "scaling":
         return _scaling(args)
     if args.stage == "demo":
-        from generator.train.demo import DemoConfig, build_demo
+        from generator.train.demo import build_demo
 
-        if args.universe:  # the default: the committed bundle's build
-            cfg = DemoConfig.scaled_down_universe(args.seed) if args.scaled_down else DemoConfig.universe_build(args.seed)
-        else:
-            cfg = DemoConfig.scaled_down(args.seed) if args.scaled_down else DemoConfig().with_seed(args.seed)
-        reader = _reader_spec(args)
-        if reader is not None:
-            cfg = replace(cfg, reader=reader)
-        result = build_demo(args.out, cfg, evaluate=not args.no_eval, progress=not args.quiet)
+        result = build_demo(args.out, demo_config(args), evaluate=not args.no_eval, progress=not args.quiet,
+                            command=demo_command(args))
         print(f"built {args.out} in {result['build']['total_seconds']} s (stages: {result['build']['stage_seconds']})")
         if result["eval"]:
             from generator.eval.quality import markdown
@@ -365,6 +361,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} in {log['elapsed_s']:.0f} s "
           f"(train_log.json, loss.png)")
     return 0
+
+
+def demo_config(args: argparse.Namespace):
+    """The DemoConfig `loragen train demo` builds with: the committed bundle's build (or the basic suite's, or
+    the scaled-down one), with the reader and base-model steps the flags give. InputError on a bad flag."""
+    from generator.errors import InputError
+    from generator.train.demo import DemoConfig
+
+    if args.base_steps is not None and args.base_steps < 1:
+        raise InputError("--base-steps must be positive")
+    if args.universe:  # the default: the committed bundle's build
+        cfg = DemoConfig.scaled_down_universe(args.seed) if args.scaled_down else DemoConfig.universe_build(args.seed)
+    else:
+        cfg = DemoConfig.scaled_down(args.seed) if args.scaled_down else DemoConfig().with_seed(args.seed)
+    reader = _reader_spec(args)
+    if reader is not None:
+        cfg = replace(cfg, reader=reader)
+    if args.base_steps is not None:
+        cfg = replace(cfg, base=replace(cfg.base, steps=args.base_steps))
+    return cfg
+
+
+def demo_command(args: argparse.Namespace) -> str:
+    """The `loragen train demo` command line of these arguments, as build.json records it."""
+    flags = [f"--out {args.out}", f"--seed {args.seed}", "" if args.universe else "--basic",
+             "--scaled-down" if args.scaled_down else "", "--reader" if _reader_spec(args) else "",
+             "" if args.base_steps is None else f"--base-steps {args.base_steps}"]
+    return " ".join(["loragen train demo", *filter(None, flags)])
 
 
 def _scaling(args: argparse.Namespace) -> int:

@@ -127,7 +127,8 @@ class DemoConfig:
 SMALL_UNIVERSE = ("shift_forward", "take_first", "drop_last", "replace", "wrap", "reverse", "list_nth", "list_sort", "add")
 
 
-def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate: bool = True, progress: bool = True) -> dict:
+def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate: bool = True, progress: bool = True,
+               command: str | None = None) -> dict:
     from generator.eval.quality import Bundle, run_eval
     from generator.train.basemodel import pretrain_base
     from generator.train.conditioning import demo_hyper_config, training_table
@@ -176,8 +177,8 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     build = {"config": asdict(cfg), "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
              "torch": torch.__version__,
              "threads": torch.get_num_threads(),
-             "command": f"loragen train demo --out {out_dir} --seed {cfg.seed}{'' if cfg.universe else ' --basic'}"
-                        f"{' --reader' if cfg.reader else ''}"}
+             "command": command or f"loragen train demo --out {out_dir} --seed {cfg.seed}{'' if cfg.universe else ' --basic'}"
+                                   f"{' --reader' if cfg.reader else ''}"}
     build_file.write_text(json.dumps(build, indent=1) + "\n")
     return {"build": build, "eval": result}
 
