@@ -110,18 +110,32 @@ class LoraAdapter:
         provenances: Sequence[Mapping[str, str]],
     ) -> tuple[list[LoraAdapter], list[bool]]:
         """One adapter per row of a batch, `ab`: module → (A (B, N, r, d_in), B (B, N, d_out, r)); and whether
-        each one's weights are all finite (as `all_finite`, in the output dtype: a float16 overflow counts).
+        each one's weights are all finite (as `all_finite`, in the output dtype: a float16 overflow counts)."""
+        pairs = list(cls.iter_from_generated(hyper, ab, dtype, provenances))
+        return [a for a, _ in pairs], [ok for _, ok in pairs]
 
-        On the CPU each adapter is filled straight into its own buffer. On a GPU the whole batch is laid out
-        on the device at once (`_batch_on_device`: a copy kernel per tensor for the batch, not per adapter,
-        and the finiteness sums there too), then each adapter's bytes come to the host in one copy."""
+    @classmethod
+    def iter_from_generated(
+        cls,
+        hyper: HyperConfig,
+        ab: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        dtype: str,
+        provenances: Sequence[Mapping[str, str]],
+    ) -> Iterator[tuple[LoraAdapter, bool]]:
+        """`batch_from_generated` one (adapter, all finite) at a time, in row order.
+
+        On the CPU each adapter is filled straight into its own buffer when it is reached, so the first can be
+        on its way while the next is laid out. On a GPU the whole batch is laid out on the device at once
+        (`_batch_on_device`: a copy kernel per tensor for the batch, not per adapter, and the finiteness sums
+        there too), then each adapter's bytes come to the host in one copy."""
         if next(iter(ab.values()))[0].device.type != "cpu":
-            return cls._batch_on_device(hyper, ab, dtype, provenances)
-        adapters = [cls.from_generated(hyper, {m: (a[i], b[i]) for m, (a, b) in ab.items()}, dtype, p)
-                    for i, p in enumerate(provenances)]
-        # each checked on its own contiguous buffer: summing the batch's strided A/B views instead cost as
-        # much as a third of the forward in bfloat16
-        return adapters, [a.all_finite() for a in adapters]
+            yield from zip(*cls._batch_on_device(hyper, ab, dtype, provenances), strict=True)
+            return
+        for i, p in enumerate(provenances):
+            adapter = cls.from_generated(hyper, {m: (a[i], b[i]) for m, (a, b) in ab.items()}, dtype, p)
+            # checked on its own contiguous buffer: summing the batch's strided A/B views instead cost as much
+            # as a third of the forward in bfloat16
+            yield adapter, adapter.all_finite()
 
     @classmethod
     def _batch_on_device(cls, hyper: HyperConfig, ab: Mapping[str, tuple[torch.Tensor, torch.Tensor]], dtype: str,

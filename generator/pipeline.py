@@ -22,7 +22,7 @@ import functools
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,19 +203,28 @@ class LoraGenerator:
     @torch.inference_mode()
     def generate(self, inputs: Sequence[TaskInput], dtype: str = "float32") -> list[LoraAdapter]:
         """One adapter per input, in order. `dtype` is the adapter's output dtype."""
+        return list(self.iter_generate(inputs, dtype))
+
+    @torch.inference_mode()
+    def iter_generate(self, inputs: Sequence[TaskInput], dtype: str = "float32") -> Iterator[LoraAdapter]:
+        """`generate`, handed out one adapter at a time: the hypernetwork runs for the whole batch when the
+        first adapter is asked for, and each adapter is laid out in its file's order when it is reached, so a
+        server can send the first while the others are still being laid out. An adapter with non-finite weights
+        raises InputError when it is reached; those before it were finite."""
         if not inputs:
-            return []
+            return
         parse_dtype(dtype)
         if self.batch_invariant and not self.exact_batching and len(inputs) > 1:
-            return [adapter for x in inputs for adapter in self.generate([x], dtype)]
+            # that path as it was: every input's forward pass, then the adapters
+            yield from [adapter for x in inputs for adapter in self.generate([x], dtype)]
+            return
         exact = self.batch_invariant and self.exact_batching
         ab = self.hypernet(inputs, exact=exact)  # {module: (A (B, N, r, d_in), B (B, N, d_out, r))}
         base = {"loragen_version": __version__, "checkpoint_sha256": self.checkpoint.sha256,
                 "compute_dtype": str(self.compute_dtype).removeprefix("torch.")}
         provenances = [{**base, "input_kind": x.kind, "input_sha256": x.digest()} for x in inputs]
-        adapters, finite = LoraAdapter.batch_from_generated(self.config, ab, dtype, provenances)
-        bad = [i for i, ok in enumerate(finite) if not ok]
-        if bad:  # only a broken checkpoint or a pathological embedding gets here; never ship it
-            raise InputError(f"generation produced non-finite weights for input(s) {bad} of this batch; "
-                             "check the checkpoint and input")
-        return adapters
+        for i, (adapter, finite) in enumerate(LoraAdapter.iter_from_generated(self.config, ab, dtype, provenances)):
+            if not finite:  # only a broken checkpoint or a pathological embedding gets here; never ship it
+                raise InputError(f"generation produced non-finite weights for input {i} of this batch; "
+                                 "check the checkpoint and input")
+            yield adapter

@@ -172,6 +172,24 @@ def test_non_finite_generation_is_refused():
         _adapter(gen)
 
 
+OVERFLOWING = [3e38] * 16  # a finite embedding whose projection overflows: its adapter's weights are not finite
+
+
+def test_iter_generate_hands_out_each_adapter_before_laying_out_the_next():
+    """A batch's adapters come out one at a time (what lets a server send the first while the next is laid
+    out): those before an input whose weights overflow arrive whole, each the bytes of its own batch's
+    `generate`, and the overflowing one raises only when it is reached."""
+    gen = LoraGenerator(tiny_checkpoint("L", seed=4))
+    good = [TaskInput.from_embedding(torch.randn(16, generator=torch.Generator().manual_seed(i))) for i in range(3)]
+    batch = [good[0], good[1], TaskInput.from_embedding(OVERFLOWING), good[2]]
+    expected = gen.generate(good[:2])  # float32: the bytes do not depend on the batch (tests/test_exact_batching.py)
+    adapters = gen.iter_generate(batch)
+    assert next(adapters).safetensors_bytes() == expected[0].safetensors_bytes()
+    assert next(adapters).safetensors_bytes() == expected[1].safetensors_bytes()
+    with pytest.raises(InputError, match="non-finite weights for input 2 of this batch"):
+        next(adapters)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_batch_laid_out_at_once_equals_one_adapter_at_a_time(dtype):
     """The GPU path (`_batch_on_device`, run here on the CPU): the whole batch laid out in one buffer, then

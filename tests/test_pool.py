@@ -111,8 +111,25 @@ def test_a_bad_input_fails_alone(generators):
     assert isinstance(results[1], InvalidInput) and "trust-remote-code" in results[1].message
 
 
+def test_an_overflowing_adapter_in_a_batch_fails_alone(generators):
+    """The adapters of a batch go to their waiters one by one; when one of them has non-finite weights (a
+    finite embedding that overflows), it fails with a 422 and every other job gets the bytes of direct
+    generation: those before it from the batch, those after it generated alone."""
+    gen = generators["text"]
+    items = [emb(11), TaskInput.from_embedding([3e38] * 384), emb(12)]
+    jobs = [job("text", x, "float32") for x in items]
+
+    async def run(pool):
+        return await asyncio.gather(*(pool.submit(j) for j in jobs), return_exceptions=True)
+
+    results, _ = asyncio.run(with_pool(generators, run))
+    assert isinstance(results[1], InvalidInput) and "non-finite" in results[1].message
+    for i in (0, 2):
+        assert results[i] == gen.generate([items[i]])[0].safetensors_bytes()
+
+
 class Held:
-    """A generator whose generate() blocks until `release` is set: the worker that takes its job stays busy for
+    """A generator whose generation blocks until `release` is set: the worker that takes its job stays busy for
     as long as the test needs, however fast the machine."""
 
     def __init__(self, gen: LoraGenerator):
@@ -121,10 +138,13 @@ class Held:
     def __getattr__(self, name):
         return getattr(self.gen, name)
 
-    def generate(self, inputs, dtype: str = "float32"):
+    def iter_generate(self, inputs, dtype: str = "float32"):
         if not self.release.wait(timeout=60):
             raise RuntimeError("Held generator never released")
-        return self.gen.generate(inputs, dtype)
+        return self.gen.iter_generate(inputs, dtype)
+
+    def generate(self, inputs, dtype: str = "float32"):
+        return list(self.iter_generate(inputs, dtype))
 
 
 async def holding(pool: WorkerPool, held: Held, seed: int) -> asyncio.Task:
