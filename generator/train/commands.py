@@ -385,10 +385,10 @@ def demo_config(args: argparse.Namespace):
 
 def demo_command(args: argparse.Namespace) -> str:
     """The `loragen train demo` command line of these arguments, as build.json records it."""
-    flags = [f"--out {args.out}", f"--seed {args.seed}", "" if args.universe else "--basic",
-             "--scaled-down" if args.scaled_down else "", "--reader" if _reader_spec(args) else "",
-             "" if args.base_steps is None else f"--base-steps {args.base_steps}"]
-    return " ".join(["loragen train demo", *filter(None, flags)])
+    from generator.train.demo import command_line
+
+    return command_line(args.out, args.seed, basic=not args.universe, scaled_down=args.scaled_down,
+                        reader=_reader_spec(args) is not None, base_steps=args.base_steps)
 
 
 def _scaling(args: argparse.Namespace) -> int:

@@ -177,8 +177,14 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     build = {"config": asdict(cfg), "stage_seconds": times, "total_seconds": round(sum(times.values()), 1),
              "torch": torch.__version__,
              "threads": torch.get_num_threads(),
-             "command": command or f"loragen train demo --out {out_dir} --seed {cfg.seed}{'' if cfg.universe else ' --basic'}"
-                                   f"{' --reader' if cfg.reader else ''}"}
+             "command": command or command_line(out_dir, cfg.seed, basic=cfg.universe is None, reader=cfg.reader is not None)}
     build_file.write_text(json.dumps(build, indent=1) + "\n")
     return {"build": build, "eval": result}
 
+
+def command_line(out_dir: str | Path, seed: int, *, basic: bool = False, scaled_down: bool = False, reader: bool = False,
+                 base_steps: int | None = None) -> str:
+    """The `loragen train demo` command line that builds with these flags, as build.json records it."""
+    flags = [f"--out {out_dir}", f"--seed {seed}", "--basic" if basic else "", "--scaled-down" if scaled_down else "",
+             "--reader" if reader else "", "" if base_steps is None else f"--base-steps {base_steps}"]
+    return " ".join(["loragen train demo", *filter(None, flags)])
