@@ -94,6 +94,43 @@ def test_functional_lora_equals_peft(tmp_path):
     torch.testing.assert_close(base(input_ids=ids).logits, plain)  # hooks gone: the base model is untouched
 
 
+def test_packed_batches_keep_each_sequence_apart_and_give_the_padded_loss():
+    """Pretraining and oracle LoRAs lay short sequences end to end (prompting.pack); the loss must be the one
+    of one padded row per sequence, which it is only if no sequence attends to another."""
+    from generator.train.prompting import Packed, honours_packing, pack, packed_loss
+
+    model, codec = _tiny_model(3)
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 9))) for _ in range(24)]
+    seqs = [codec.sequence([(w, w[::-1])], "Reverse the word." if i % 2 else None) for i, w in enumerate(words)]
+    ids, mask, positions, which = pack(seqs, codec.pad_id, cap=48)
+    assert ids.shape[0] < len(seqs) and ids.shape[1] <= 48  # several sequences share a row
+    assert int(mask.sum()) == sum(sum(m) for _, m in seqs)  # every completion token is still scored once
+    assert int(((positions == 0) & (ids != codec.pad_id)).sum()) == len(seqs)  # positions restart at each sequence
+    assert sorted(ids[which == i].tolist() for i in range(len(seqs))) == sorted(s for s, _ in seqs)
+    torch.testing.assert_close(packed_loss(model, Packed(ids, mask, positions, which)), completion_loss(model, *collate(seqs)),
+                               atol=1e-5, rtol=1e-5)
+    assert honours_packing(model, codec.pad_id)
+    # positions that run on across a row's sequences let them see each other: the loss is no longer the padded one
+    running = torch.arange(ids.shape[1]).expand_as(ids)
+    padded = float(completion_loss(model, *collate(seqs)))
+    assert abs(float(packed_loss(model, Packed(ids, mask, running, which))) - padded) > 1e-4
+
+
+def test_packing_is_not_trusted_on_a_model_whose_outputs_vary_between_calls():
+    """A model in training mode with dropout cannot show that it keeps packed sequences apart: trainers then
+    fall back to one padded row per sequence."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from generator.train.prompting import honours_packing
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                       bos_token_id=1, eos_token_id=2, resid_pdrop=0.5))
+    assert not honours_packing(model.train(), 0)
+    assert honours_packing(model.eval(), 0)
+
+
 def test_greedy_decoding_with_left_padding_matches_one_by_one():
     model, codec = _tiny_model(2)
     prompts = [prompt("abcdef"), prompt("xy", "Reverse the word.")]
@@ -135,7 +172,8 @@ def test_training_loop_resumes_exactly(tmp_path):
     assert not (tmp_path / "b" / "train_state.pt").exists()
 
 
-def test_focus_weights_follow_each_tasks_completion_loss():
+@pytest.mark.parametrize("packed", [False, True])
+def test_focus_weights_follow_each_tasks_completion_loss(packed):
     """Focused pretraining draws a task in proportion to its completion loss on a fixed probe, above a
     uniform floor: the weights are exactly (1 - focus)/N + focus * loss / total loss, with each task's loss
     measured as `completion_loss` measures it."""
@@ -149,7 +187,7 @@ def test_focus_weights_follow_each_tasks_completion_loss():
     torch.manual_seed(0)
     model = LlamaForCausalLM(base_config(len(tok), hidden=32, layers=2, heads=2, intermediate=64)).eval()
     codec = Codec(tok)
-    weights = _focus_weights(model, codec, suite, tasks, 0.6, 1, batch_size=5)  # batches cut across tasks
+    weights = _focus_weights(model, codec, suite, tasks, 0.6, 1, batch_size=5, packed=packed)  # batches cut across tasks
     losses = []
     with torch.no_grad():
         for t in tasks:
@@ -241,6 +279,8 @@ def test_scaled_down_build_lowers_every_loss_and_writes_artifacts(mini_bundle):
         log = json.loads((out / stage / "train_log.json").read_text())
         assert log["loss"][-1] < log["loss"][0], stage
         assert (out / stage / "loss.png").exists()
+        if stage == "base":  # several sequences per row: prompting.pack
+            assert log["packed"] is True
     # the multi-task LoRA cannot know which task a prompt wants: its loss need not fall in a few steps
     assert (out / "library" / "_multitask" / "adapter_model.safetensors").exists()
     for stage in ("t2l-recon", "t2l-sft"):

@@ -16,6 +16,7 @@ other Llama. The layout is the `spaced` prompt format (generator/train/prompting
 
 from __future__ import annotations
 
+import itertools
 import json
 import string
 from collections.abc import Iterable, Sequence
@@ -158,7 +159,10 @@ def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_s
     `FOCUS_EVERY` steps (and at a resumed start, so a resumed run samples as an uninterrupted one) each
     task's completion loss is measured on a fixed probe of its training examples, and tasks are drawn in
     proportion to it for that share, uniformly for the rest. Tasks already learned stop taking steps from
-    the ones that are not. 0 draws every task uniformly."""
+    the ones that are not. 0 draws every task uniformly.
+
+    Each step's sequences are packed several to a row (`prompting.pack`): the same loss as one padded row
+    per sequence, in about two thirds of the time."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -175,19 +179,25 @@ def pretrain_base(suite: Suite, out_dir: str | Path, cfg: LoopConfig, *, batch_s
     weights: list[float] | None = None  # task sampling weights of the current focus period
     refresh = cfg.ckpt_every or FOCUS_EVERY  # a period starts at every resume point
 
+    packed = prompting.honours_packing(model, PAD)
+
     def loss_at(step, rng):
         nonlocal weights
         if focus and (weights is None or step % refresh == 0):
-            weights = _focus_weights(model, codec, suite, tasks, focus, pack)
+            weights = _focus_weights(model, codec, suite, tasks, focus, pack, packed=packed)
         seqs = []
+        cumulative = list(itertools.accumulate(weights)) if weights else None  # rng.choices(tasks, weights), once
         for _ in range(batch_size):
-            task = rng.choices(tasks, weights)[0] if weights else rng.choice(tasks)
+            task = rng.choices(tasks, cum_weights=cumulative)[0] if weights else rng.choice(tasks)
             pairs = [rng.choice(suite.train_examples[task]) for _ in range(pack)]
             seqs.append(codec.sequence(pairs, rng.choice(suite.base_instructions(task))))
+        if packed:
+            return prompting.packed_loss(model, prompting.pack(seqs, PAD))
         return completion_loss(model, *collate(seqs))
 
     log = train_loop(model, loss_at, cfg, out, name=PRETRAINING,
-                     extra_log={"params": sum(p.numel() for p in model.parameters()), "focus": focus})
+                     extra_log={"params": sum(p.numel() for p in model.parameters()), "focus": focus,
+                                "packed": packed})
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return log
@@ -201,7 +211,7 @@ FOCUS_PROBE = 4  # training examples per task in a focus measurement
 
 @torch.no_grad()
 def _focus_weights(model, codec: Codec, suite: Suite, tasks: list[str], focus: float, pack: int, *,
-                   batch_size: int = 128) -> list[float]:
+                   batch_size: int = 128, packed: bool = False) -> list[float]:
     """Sampling weights over `tasks`: (1 - focus) uniform plus `focus` in proportion to each task's mean
     completion loss on a fixed probe (its first FOCUS_PROBE training examples, its first instruction).
     A function of the model's weights only, so a resumed run recomputes exactly what it had."""
@@ -217,13 +227,19 @@ def _focus_weights(model, codec: Codec, suite: Suite, tasks: list[str], focus: f
     totals = torch.zeros(len(tasks), dtype=torch.float64)
     counts = torch.zeros(len(tasks), dtype=torch.float64)
     for a in range(0, len(seqs), batch_size):
-        ids, mask = collate(seqs[a:a + batch_size])
-        logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1]
-        target = mask[:, 1:]
+        chunk = seqs[a:a + batch_size]
+        if packed:  # several sequences per row (prompting.pack): which one each token is of
+            batch = prompting.pack(chunk, PAD)
+            ids, target, which = batch.ids, batch.mask[:, 1:], batch.seq[:, 1:].clamp(min=0)
+            logits = prompting.packed_logits(model, batch)[:, :-1]
+        else:
+            ids, mask = collate(chunk)
+            target, which = mask[:, 1:], torch.arange(len(chunk))[:, None].expand(-1, ids.shape[1] - 1)
+            logits = model(input_ids=ids, attention_mask=(ids != PAD).long()).logits[:, :-1]
         nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none") * target  # (b, T-1)
-        rows = torch.tensor(owner[a:a + batch_size])
-        totals.index_add_(0, rows, nll.sum(1).double())
-        counts.index_add_(0, rows, target.sum(1).double())
+        rows = torch.tensor(owner[a:a + batch_size])[which]  # (b, T-1): the task of each predicted token
+        totals.index_add_(0, rows.flatten(), nll.flatten().double())
+        counts.index_add_(0, rows.flatten(), target.flatten().double())
     loss = totals / counts.clamp(min=1)
     share = loss / loss.sum() if float(loss.sum()) > 0 else torch.full_like(loss, 1 / len(tasks))
     return ((1 - focus) / len(tasks) + focus * share).tolist()
