@@ -93,9 +93,11 @@ class EmbeddingTable:
 
         encoder = TaskEncoder.load(spec)
         unique = sorted(set(texts))
-        rows = [encoder.encode(unique[i:i + batch_size]).float().cpu() for i in range(0, len(unique), batch_size)]
         self.index = {t: i for i, t in enumerate(unique)}
-        self.matrix = torch.cat(rows) if rows else torch.empty(0, spec.dim)  # (texts, E)
+        # all at once: the encoder batches texts of similar length together (a third of the time of batches
+        # in alphabetical order, which pad short texts to long ones)
+        empty = torch.empty(0, spec.dim)
+        self.matrix = encoder.encode(unique, batch_size=batch_size).float().cpu() if unique else empty  # (texts, E)
 
     def __call__(self, texts: list[str]) -> torch.Tensor:
         """(len(texts), E) embeddings of texts the table holds."""
