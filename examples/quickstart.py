@@ -32,7 +32,7 @@ def main() -> None:
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--bundle", type=Path, default=DEMO_BUNDLE)
     p.add_argument("--suite-task", default="replace_t_m", help="which task's examples to run")
-    p.add_argument("--task", default="Replace every t with m.",
+    p.add_argument("--task", default="Please replace every t with m.",
                    help="the description sent to loragen")
     p.add_argument("-n", type=int, default=8, help="examples to show")
     args = p.parse_args()

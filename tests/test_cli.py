@@ -191,11 +191,11 @@ def test_generate_defaults_to_the_demo_bundle_and_try_runs_its_adapter(capsys, t
     from generator import DEMO_CHECKPOINTS
     from generator.pipeline import LoraGenerator, TaskInput
 
-    code, out, _ = run(capsys, "generate", "--task", "Make the first letter of the word a capital.", "--out",
+    code, out, _ = run(capsys, "generate", "--task", "Please start the word with a capital letter.", "--out",
                        str(tmp_path / "cap"))
     assert code == 0 and "base loragen/demo-base" in out, out
     (expected,) = LoraGenerator.load(str(DEMO_CHECKPOINTS["demo"])).generate(
-        [TaskInput.task("Make the first letter of the word a capital.")])
+        [TaskInput.task("Please start the word with a capital letter.")])
     assert (tmp_path / "cap" / ADAPTER_WEIGHTS).read_bytes() == expected.safetensors_bytes()
 
     code, by_dir, _ = run(capsys, "try", "--adapter", str(tmp_path / "cap"), "--examples", "capitalize")

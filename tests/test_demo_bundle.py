@@ -22,7 +22,7 @@ from tests.service_server import ServiceProcess
 ROOT = Path(__file__).resolve().parents[1]
 # the README walk-through's tasks and descriptions (evaluation phrasings)
 SEEN_TASK = ("capitalize", "Start the word with a capital letter.")
-NEVER_TRAINED_TASK = ("replace_t_m", "Replace every t with m.")
+NEVER_TRAINED_TASK = ("replace_t_m", "Please replace every t with m.")
 
 
 def test_bundle_is_complete_small_and_its_suite_rebuilds_from_the_seed(tmp_path):
@@ -128,5 +128,5 @@ def test_quickstart_walkthrough(demo_server):
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"\d+ bytes, cache (miss|hit)\n", out.stdout) and "PEFT loaded" in out.stdout
     base, adapted = map(int, re.search(r"base model (\d+)/\d+, with adapter (\d+)/", out.stdout).groups())
-    # replace_t_m, a task the hypernetwork never trained on, in evaluation words: 48/50 with `loragen try -n 50`
+    # replace_t_m, a task the hypernetwork never trained on, in evaluation words: 49/50 with `loragen try -n 50`
     assert adapted >= 5 and adapted > base

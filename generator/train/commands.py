@@ -145,7 +145,7 @@ def add_parsers(sub) -> None:
     d.add_argument("--scaled-down", action="store_true", help="a one-minute version (tests, smoke checks)")
     suite_choice(d)
     d.add_argument("--base-steps", type=int, metavar="N", help="base-model pretraining steps (default: the build's; "
-                   "6000 on the universe)")
+                   "8500 on the universe)")
     d.add_argument("--no-eval", action="store_true")
     d.add_argument("--quiet", action="store_true")
     reader_args(d)
