@@ -95,7 +95,7 @@ def test_functional_lora_equals_peft(tmp_path):
 
 
 def test_packed_batches_keep_each_sequence_apart_and_give_the_padded_loss():
-    """Pretraining and oracle LoRAs lay short sequences end to end (prompting.pack); the loss must be the one
+    """Base pretraining lays short sequences end to end (prompting.pack); the loss must be the one
     of one padded row per sequence, which it is only if no sequence attends to another."""
     from generator.train.prompting import Packed, honours_packing, pack, packed_loss
 

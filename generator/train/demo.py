@@ -17,6 +17,7 @@ continues where it stopped.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -164,14 +165,9 @@ def build_demo(out_dir: str | Path, cfg: DemoConfig = DemoConfig(), *, evaluate:
     stage("library", (b.library / "_multitask" / "adapter_model.safetensors").exists(),
           lambda: train_library(b.base, suite, b.library, loop(cfg.lora), loop(cfg.multitask), tasks=library_tasks))
     config = demo_hyper_config(b.base, **cfg.hyper, reader=cfg.reader)
-    tables = []
-
-    def table():
-        """The training table (no evaluation text, no held-out task), encoded once, by the first stage that
-        needs it: a minute of encoding is counted in that stage's time, and a finished build skips it."""
-        if not tables:
-            tables.append(training_table(config, suite))
-        return tables[0]
+    # the training table (no evaluation text, no held-out task), encoded once, by the first stage that needs
+    # it: a minute of encoding is counted in that stage's time, and a finished build skips it
+    table = functools.cache(lambda: training_table(config, suite))
 
     recon_tasks = [t for t in suite.seen if library_tasks is None or t in set(library_tasks)]
     stage("recon", (b.recon / "model.safetensors").exists(),

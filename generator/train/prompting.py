@@ -288,9 +288,13 @@ def check_template_flag(template: str) -> None:
 # --- training loss and greedy decoding -----------------------------------------------------------------
 def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over completion tokens only. ids, mask, attention: (B, T)."""
-    logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1]  # (B, T-1, vocab)
+    return _completion_ce(model(input_ids=ids, attention_mask=attention).logits, ids, mask)
+
+
+def _completion_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each next token where `mask` marks it a completion token. logits: (B, T, vocab)."""
     target = mask[:, 1:]
-    return F.cross_entropy(logits[target], ids[:, 1:][target])
+    return F.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])
 
 
 # --- packed batches: several short sequences per row ------------------------------------------------------
@@ -347,9 +351,7 @@ def packed_logits(model, batch: Packed) -> torch.Tensor:
 
 def packed_loss(model, batch: Packed) -> torch.Tensor:
     """`completion_loss` of a batch from `pack`: the same value as over the sequences padded one per row."""
-    logits = packed_logits(model, batch)[:, :-1]  # (R, T-1, vocab)
-    target = batch.mask[:, 1:]
-    return F.cross_entropy(logits[target], batch.ids[:, 1:][target])
+    return _completion_ce(packed_logits(model, batch), batch.ids, batch.mask)
 
 
 @torch.no_grad()
