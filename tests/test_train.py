@@ -14,6 +14,7 @@ from generator.errors import InputError
 from generator.train.basemodel import Codec, base_config, build_tokenizer, canonical, collate, completion_loss, greedy, prompt
 from generator.train.functional import FunctionalLora, read_peft, stack
 from generator.train.loop import LoopConfig, train_loop
+from generator.train.sft import SFT_BUCKETS
 from generator.train.suite import FRAMES, TASKS, build_suite
 
 
@@ -115,6 +116,58 @@ def test_packed_batches_keep_each_sequence_apart_and_give_the_padded_loss():
     running = torch.arange(ids.shape[1]).expand_as(ids)
     padded = float(completion_loss(model, *collate(seqs)))
     assert abs(float(packed_loss(model, Packed(ids, mask, running, which))) - padded) > 1e-4
+
+
+def test_length_buckets_partition_the_batch_with_the_fewest_padded_tokens():
+    """Each group padded to its longest: the groups `length_buckets` picks cost no more tokens than any other
+    split of the sorted lengths into at most k runs, and they hold every index once."""
+    from itertools import combinations
+
+    from generator.train.prompting import length_buckets
+
+    def padded(groups, lengths):
+        return sum(len(g) * max(lengths[i] for i in g) for g in groups)
+
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = [rng.randint(3, 30) for _ in range(rng.randint(1, 9))]
+        k = rng.randint(1, 4)
+        groups = length_buckets(lengths, k)
+        assert sorted(i for g in groups for i in g) == list(range(len(lengths))) and 1 <= len(groups) <= k
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+        best = min(padded([order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)), strict=True)], lengths)
+                   for j in range(min(k, len(lengths))) for cuts in combinations(range(1, len(order)), j))
+        assert padded(groups, lengths) == best
+    assert padded(length_buckets([4, 20, 5, 21], 2), [4, 20, 5, 21]) == 2 * 5 + 2 * 21 < 4 * 21
+
+
+def test_bucketed_sft_loss_is_the_padded_loss_with_each_sample_keeping_its_adapter():
+    """SFT computes a batch in length buckets, each with its samples' own slice of the generated adapters:
+    the loss and the adapters' gradients are those of the whole batch padded in one pass."""
+    from generator.train.prompting import bucketed_completion_loss, length_buckets
+    from generator.train.prompting import completion_loss as padded_loss
+
+    model, codec = _tiny_model(4)
+    rng = random.Random(1)
+    words = ["".join(rng.choice("abcdefgh") for _ in range(rng.randint(1, 12))) for _ in range(10)]
+    seqs = [codec.sequence([(w, w[::-1])]) for w in words]
+    assert len(length_buckets([len(s) for s, _ in seqs], 3)) == 3
+    lora = FunctionalLora(model, ["q_proj", "v_proj"], 2.0)
+    torch.manual_seed(2)
+    ab = {m: (torch.randn(len(seqs), 2, 4, 32, requires_grad=True), torch.randn(len(seqs), 2, 32, 4, requires_grad=True))
+          for m in ("q_proj", "v_proj")}  # a different adapter per sample
+    with lora.use(ab):
+        whole = padded_loss(model, *codec.batch(seqs))
+    expected = torch.autograd.grad(whole, [t for pair in ab.values() for t in pair])
+    got = bucketed_completion_loss(model, codec, seqs, 3, lambda idx: lora.use({m: (a[idx], b[idx]) for m, (a, b) in ab.items()}))
+    torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+    for g, e in zip(torch.autograd.grad(got, [t for pair in ab.values() for t in pair]), expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+    # a bucket given the adapters in batch order instead of its own samples' scores another loss
+    shuffled = bucketed_completion_loss(model, codec, seqs, 3,
+                                        lambda idx: lora.use({m: (a[:len(idx)], b[:len(idx)]) for m, (a, b) in ab.items()}))
+    assert abs(float(shuffled) - float(whole)) > 1e-3
+    lora.remove()
 
 
 def test_packing_is_not_trusted_on_a_model_whose_outputs_vary_between_calls():
@@ -281,6 +334,8 @@ def test_scaled_down_build_lowers_every_loss_and_writes_artifacts(mini_bundle):
         assert (out / stage / "loss.png").exists()
         if stage == "base":  # several sequences per row: prompting.pack
             assert log["packed"] is True
+        if stage == "t2l-sft":  # batches in length buckets: prompting.bucketed_completion_loss
+            assert log["buckets"] == SFT_BUCKETS > 1
     # the multi-task LoRA cannot know which task a prompt wants: its loss need not fall in a few steps
     assert (out / "library" / "_multitask" / "adapter_model.safetensors").exists()
     for stage in ("t2l-recon", "t2l-sft"):
@@ -394,7 +449,10 @@ def test_scaling_defaults_are_the_bundle_sft_settings_or_the_fallbacks(tmp_path)
     (["train", "base", "--suite", "SUITE", "--out", "OUT", "--steps", "0"], "--steps and --batch-size must be positive"),
     (["train", "base", "--suite", "SUITE", "--out", "OUT", "--pack", "0"], "--pack must be positive"),
     (["train", "lora", "--suite", "SUITE", "--base", "BASE", "--task", "no_such_task", "--out", "OUT"], "unknown tasks"),
-    (["train", "sft", "--suite", "SUITE", "--base", "BASE", "--out", "OUT", "--pack", "0"], "--pack must be positive"),
+    (["train", "sft", "--suite", "SUITE", "--base", "BASE", "--out", "OUT", "--pack", "0"],
+     "--pack and --buckets must be positive"),
+    (["train", "sft", "--suite", "SUITE", "--base", "BASE", "--out", "OUT", "--buckets", "0"],
+     "--pack and --buckets must be positive"),
     (["train", "demo", "--out", "OUT", "--base-steps", "0"], "--base-steps must be positive"),
 ])
 def test_train_and_eval_cli_errors_are_one_line(argv, needle, tmp_path, capsys):

@@ -129,6 +129,8 @@ def add_parsers(sub) -> None:
             h.add_argument("--document-share", type=float, default=0.3, help="share of samples conditioned on a document")
             h.add_argument("--pack", type=int, default=2, help="examples per training sample (default 2); 1 trains on "
                            "prompts as they are served: one input, no earlier pair of the task to copy from")
+            h.add_argument("--buckets", type=int, help="base-model passes per step, each over samples of similar "
+                           "length: the same loss with less padding (default 2; 1: one padded pass)")
         lora_args(h, template=name == "sft", base_id=True)
         h.add_argument("--pooling", choices=["cls", "mean"],
                        help="how the encoder's token states become one task embedding: its first token's state (T2L's "
@@ -352,12 +354,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             log = train_recon(config, suite, _dir(args.library, "library", "_multitask"), args.out, _loop(args),
                               batch_size=args.batch_size, dropout=args.dropout)
         else:
-            from generator.train.sft import train_sft
+            from generator.train.sft import SFT_BUCKETS, train_sft
 
-            if args.pack < 1:
-                raise InputError("--pack must be positive")
+            args.buckets = SFT_BUCKETS if args.buckets is None else args.buckets
+            if args.pack < 1 or args.buckets < 1:
+                raise InputError("--pack and --buckets must be positive")
             log = train_sft(config, suite, base, args.out, _loop(args), batch_size=args.batch_size, pack=args.pack,
-                            document_share=args.document_share, template=template, dropout=args.dropout)
+                            document_share=args.document_share, template=template, dropout=args.dropout,
+                            buckets=args.buckets)
     print(f"wrote {args.out}: loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} in {log['elapsed_s']:.0f} s "
           f"(train_log.json, loss.png)")
     return 0

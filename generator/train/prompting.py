@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import NamedTuple
 
 import torch
@@ -291,10 +292,59 @@ def completion_loss(model, ids: torch.Tensor, mask: torch.Tensor, attention: tor
     return _completion_ce(model(input_ids=ids, attention_mask=attention).logits, ids, mask)
 
 
-def _completion_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of each next token where `mask` marks it a completion token. logits: (B, T, vocab)."""
+def _completion_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (mean, or with reduction="sum" the sum) of each next token where `mask` marks it a
+    completion token. logits: (B, T, vocab)."""
     target = mask[:, 1:]
-    return F.cross_entropy(logits[:, :-1][target], ids[:, 1:][target])
+    return F.cross_entropy(logits[:, :-1][target], ids[:, 1:][target], reduction=reduction)
+
+
+# --- length buckets: a batch in a few forward passes of similar-length sequences ---------------------------
+def length_buckets(lengths: Sequence[int], k: int) -> list[list[int]]:
+    """The indices of `lengths` in at most `k` groups of consecutive lengths (sorted), chosen to minimise the
+    tokens of the groups padded to their longest: a batch whose sequences differ in length is computed in
+    k passes with little padding instead of one pass padded to its longest."""
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    n, ls = len(order), [lengths[i] for i in order]
+    k = min(k, n)
+    # cost[j][e]: fewest padded tokens of the first e sorted sequences in j groups; cut[j][e]: where the last starts
+    inf = float("inf")
+    cost = [[inf] * (n + 1) for _ in range(k + 1)]
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    cost[0][0] = 0
+    for j in range(1, k + 1):
+        for e in range(1, n + 1):
+            for s in range(j - 1, e):
+                c = cost[j - 1][s] + (e - s) * ls[e - 1]
+                if c < cost[j][e]:
+                    cost[j][e], cut[j][e] = c, s
+    j = min(range(1, k + 1), key=lambda j: (cost[j][n], j))  # ties: fewer passes
+    groups, e = [], n
+    while j:
+        s = cut[j][e]
+        groups.append(order[s:e])
+        e, j = s, j - 1
+    return groups[::-1]
+
+
+def bucketed_completion_loss(model, fmt: PromptFormat, seqs: Sequence[tuple[list[int], list[bool]]], k: int,
+                             within: Callable[[list[int]], AbstractContextManager] | None = None) -> torch.Tensor:
+    """`completion_loss` of `fmt.batch(seqs)`, computed in up to `k` length buckets (`length_buckets`): the same
+    mean over every completion token of the batch, from less padding. `within(indices)`, if given, is entered
+    around each bucket's forward pass (a per-sample adapter sliced to the bucket's samples)."""
+    total, count = None, 0
+    for idx in length_buckets([len(ids) for ids, _ in seqs], k):
+        ids, mask, attention = fmt.batch([seqs[i] for i in idx])
+        with within(idx) if within else nullcontext():
+            logits = model(input_ids=ids, attention_mask=attention).logits
+        nll = _completion_ce(logits, ids, mask, reduction="sum")
+        total = nll if total is None else total + nll
+        count += int(mask[:, 1:].sum())
+    if not count:
+        raise ValueError("the batch has no completion token")
+    return total / count
 
 
 # --- packed batches: several short sequences per row ------------------------------------------------------
