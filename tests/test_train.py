@@ -497,6 +497,23 @@ def test_demo_base_steps_flag_sets_the_base_stage_and_the_recorded_command():
 
 
 @pytest.mark.slow
+def test_sft_step_benchmark_times_each_bucket_count_on_a_bundle(mini_bundle, tmp_path, capsys):
+    """`python -m benchmarks.sft_step` times SFT steps of a bundle by number of length buckets: one row per
+    value, more buckets leaving no more padding, every number in its JSON."""
+    from benchmarks.sft_step import main
+
+    out, _ = mini_bundle
+    assert main(["--bundle", str(out), "--steps", "2", "--buckets", "1", "3", "--threads", "1",
+                 "--json", str(tmp_path / "sft.json")]) == 0
+    result = json.loads((tmp_path / "sft.json").read_text())
+    one, three = result["rows"]
+    assert (one["buckets"], three["buckets"]) == (1, 3) and one["step_s"]["n"] == three["step_s"]["n"] == 2
+    assert 0 <= three["padding"] < one["padding"] < 1  # the mini universe's samples differ in length
+    assert result["batch"]["batch_size"] == 16 and result["machine"]["cpu_model"]
+    assert "| 3 |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_scaling_study_trains_nested_subsets_and_reports_every_split(mini_bundle, tmp_path, capsys):
     from generator.train.suite import Suite
     from generator.train.universe import SPLITS

@@ -76,7 +76,7 @@ class DemoConfig:
         the task from earlier pairs); focused draws spend most of its steps on the tasks it gets wrong.
         SFT, too, shows one example per sample, as a served prompt does, in batches of 96.
         The base model's 8,500 steps bring it to 85% with the program on every split; SFT's 1,800 keep the
-        whole build near 45 minutes on two cores (docs/training-and-quality.md).
+        whole build within 45 minutes on two cores (docs/training-and-quality.md).
         Evaluated tasks and a small sample of seen ones get an oracle. The
         hypernetworks read pooled embeddings: with the same steps, token-reader SFT learned far less
         (docs/training.md)."""

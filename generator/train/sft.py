@@ -8,6 +8,8 @@ The heads of variant L start with their B columns at zero, so every generated ad
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from generator.train.basemodel import load_base
 from generator.train.conditioning import Table, check_table, training_table
 from generator.train.functional import FunctionalLora
 from generator.train.loop import LoopConfig, train_loop
-from generator.train.prompting import bucketed_completion_loss
+from generator.train.prompting import PromptFormat, bucketed_completion_loss
 from generator.train.suite import Suite
 
 # passes per SFT batch: one sample per sequence leaves a batch padded to its longest ~40% padding; two
@@ -70,16 +72,8 @@ def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: 
     lora = FunctionalLora(model, config.target_modules, config.scaling)
 
     def loss_at(step, rng):
-        texts, seqs = [], []
-        for _ in range(batch_size):
-            t = rng.choice(tasks)
-            docs = suite.train_documents.get(t)  # a task of a task file may have none
-            pool = docs if rng.random() < document_share and docs else suite.train_descriptions[t]
-            texts.append(rng.choice(pool))
-            seqs.append(fmt.sequence([rng.choice(suite.train_examples[t]) for _ in range(pack)]))
-        ab = table.adapters(net, texts)  # (batch, ...) per module: sample i's adapter at i
-        return bucketed_completion_loss(model, fmt, seqs, buckets,
-                                        lambda idx: lora.use({m: (a[idx], b[idx]) for m, (a, b) in ab.items()}))
+        texts, seqs = draw_batch(suite, fmt, tasks, rng, batch_size=batch_size, pack=pack, document_share=document_share)
+        return batch_loss(net, table, lora, model, fmt, texts, seqs, buckets)
 
     try:
         provenance = {"prompt_format": fmt.name, "base_model": config.base_model,
@@ -91,3 +85,26 @@ def train_sft(config: HyperConfig, suite: Suite, base_dir: str | Path, out_dir: 
         lora.remove()
     Checkpoint.from_module(net, source=str(out_dir)).save(out_dir)
     return log
+
+
+def draw_batch(suite: Suite, fmt: PromptFormat, tasks: Sequence[str], rng: random.Random, *, batch_size: int, pack: int,
+               document_share: float) -> tuple[list[str], list[tuple[list[int], list[bool]]]]:
+    """One SFT batch: per sample a task, its conditioning text (a training description, or with probability
+    `document_share` a training document where the task has any) and a sequence of `pack` of its examples."""
+    texts, seqs = [], []
+    for _ in range(batch_size):
+        t = rng.choice(tasks)
+        docs = suite.train_documents.get(t)  # a task of a task file may have none
+        pool = docs if rng.random() < document_share and docs else suite.train_descriptions[t]
+        texts.append(rng.choice(pool))
+        seqs.append(fmt.sequence([rng.choice(suite.train_examples[t]) for _ in range(pack)]))
+    return texts, seqs
+
+
+def batch_loss(net: HyperLoRA, table: Table, lora: FunctionalLora, model, fmt: PromptFormat, texts: Sequence[str],
+               seqs: Sequence[tuple[list[int], list[bool]]], buckets: int) -> torch.Tensor:
+    """The completion loss of a batch, each sample through the adapter the hypernetwork generates from its
+    text, in up to `buckets` passes of similar-length samples."""
+    ab = table.adapters(net, texts)  # (batch, ...) per module: sample i's adapter at i
+    return bucketed_completion_loss(model, fmt, seqs, buckets,
+                                    lambda idx: lora.use({m: (a[idx], b[idx]) for m, (a, b) in ab.items()}))
