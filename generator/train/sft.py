@@ -25,8 +25,8 @@ from generator.train.loop import LoopConfig, train_loop
 from generator.train.prompting import PromptFormat, bucketed_completion_loss
 from generator.train.suite import Suite
 
-# passes per SFT batch: one sample per sequence leaves a batch padded to its longest ~40% padding; two
-# length buckets cut that to ~17% and an SFT step by ~18% (docs/training.md)
+# passes per SFT batch: batches of one-example samples padded to their longest are ~44% padding; two length
+# buckets leave ~18% and make a step 0.81x as long, more cost more per pass (benchmarks/sft_step.py)
 SFT_BUCKETS = 2
 
 
