@@ -356,12 +356,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             from generator.train.sft import SFT_BUCKETS, train_sft
 
-            args.buckets = SFT_BUCKETS if args.buckets is None else args.buckets
-            if args.pack < 1 or args.buckets < 1:
+            buckets = SFT_BUCKETS if args.buckets is None else args.buckets
+            if args.pack < 1 or buckets < 1:
                 raise InputError("--pack and --buckets must be positive")
             log = train_sft(config, suite, base, args.out, _loop(args), batch_size=args.batch_size, pack=args.pack,
                             document_share=args.document_share, template=template, dropout=args.dropout,
-                            buckets=args.buckets)
+                            buckets=buckets)
     print(f"wrote {args.out}: loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} in {log['elapsed_s']:.0f} s "
           f"(train_log.json, loss.png)")
     return 0
