@@ -49,16 +49,23 @@ def peft_key(layer: int, module: ModuleSpec, which: str) -> str:
 
 def peft_config(hyper: HyperConfig) -> dict:
     """adapter_config.json contents: what PEFT, vLLM and LoRAX read, independent of the PEFT version."""
-    alpha = int(hyper.lora_alpha) if float(hyper.lora_alpha).is_integer() else hyper.lora_alpha
+    return lora_config_dict(hyper.base_model, hyper.base_model_revision, hyper.r, hyper.lora_alpha, hyper.use_rslora,
+                            hyper.target_modules)
+
+
+def lora_config_dict(base_model: str, revision: str | None, r: int, lora_alpha: float, use_rslora: bool,
+                     target_modules: Sequence[str]) -> dict:
+    """adapter_config.json of a LoRA with these settings (an integral alpha written as an integer)."""
+    alpha = int(lora_alpha) if float(lora_alpha).is_integer() else lora_alpha
     return {
-        "base_model_name_or_path": hyper.base_model,
-        "revision": hyper.base_model_revision,
+        "base_model_name_or_path": base_model,
+        "revision": revision,
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "r": hyper.r,
+        "r": r,
         "lora_alpha": alpha,
-        "use_rslora": hyper.use_rslora,
-        "target_modules": hyper.target_modules,
+        "use_rslora": use_rslora,
+        "target_modules": list(target_modules),
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

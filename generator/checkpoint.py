@@ -12,6 +12,10 @@ Released T2L format (SakanaAI/text-to-lora, `trained_t2l/<name>/`):
     adapter_config.json  PEFT config: r, lora_alpha, use_rslora and the module order (see `import_t2l`)
 Dims are read from the tensors, so the base LLM is never needed.
 
+Released Doc-to-LoRA format (SakanaAI/doc-to-lora, `<name>/`): `args.yaml` and
+`checkpoint-<step>/pytorch_model.bin`, read by generator/d2l/released.py with allow-listed unpickling. Its
+native form is the same pair of files as a T2L checkpoint's, with `"kind": "d2l"` in config.json.
+
 Sources: a local directory, or `hf://owner/repo[/subfolder][@revision]` fetched with huggingface_hub.
 """
 
@@ -30,7 +34,11 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from generator.config import T2L_ENCODER, EncoderSpec, HyperConfig, ModuleSpec
+from generator.d2l.config import KIND as D2L_KIND
+from generator.d2l.config import D2LConfig
+from generator.d2l.hypernet import D2LHypernet
 from generator.errors import CheckpointError, ConfigError
+from generator.d2l.released import import_d2l, is_d2l_source
 from generator.hypernet import HyperLoRA, build_hypernet
 
 log = logging.getLogger(__name__)
@@ -52,17 +60,30 @@ KNOWN_ENCODERS = {
 }
 
 
+AnyConfig = HyperConfig | D2LConfig
+
+
+def kind_of(config: AnyConfig) -> str:
+    """'t2l' (a Text-to-LoRA config) or 'd2l' (Doc-to-LoRA)."""
+    return D2L_KIND if isinstance(config, D2LConfig) else "t2l"
+
+
+def build_network(config: AnyConfig) -> HyperLoRA | D2LHypernet:
+    """The untrained network `config` describes, of its kind."""
+    return D2LHypernet(config) if isinstance(config, D2LConfig) else build_hypernet(config)
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    """A validated hypernetwork: its config, its float32 state dict and a content hash."""
+    """A validated hypernetwork of either kind: its config, its float32 state dict and a content hash."""
 
-    config: HyperConfig
+    config: AnyConfig
     state_dict: Mapping[str, torch.Tensor]
     sha256: str  # content hash of config + tensors: the identity of everything it generates
     source: str = ""
 
     @classmethod
-    def from_state_dict(cls, config: HyperConfig, state_dict: Mapping[str, torch.Tensor], source: str = "") -> Checkpoint:
+    def from_state_dict(cls, config: AnyConfig, state_dict: Mapping[str, torch.Tensor], source: str = "") -> Checkpoint:
         """Validate `state_dict` against `config` (exact keys and shapes) and hash it."""
         check_state_dict(config, state_dict)
         # a fresh copy of each tensor: owned, contiguous and 64-byte aligned (safetensors' tensors sit at
@@ -75,12 +96,17 @@ class Checkpoint:
     def from_module(cls, net: HyperLoRA, source: str = "") -> Checkpoint:
         return cls.from_state_dict(net.config, net.state_dict(), source)
 
-    def build(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HyperLoRA:
+    @property
+    def kind(self) -> str:
+        return kind_of(self.config)
+
+    def build(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> HyperLoRA | D2LHypernet:
         """The hypernetwork in eval mode on `device`, computing in `dtype`."""
         with torch.device("meta"):
-            net = build_hypernet(self.config)
+            net = build_network(self.config)
         net.load_state_dict(self.state_dict, strict=True, assign=True)
-        net.reset_buffers()
+        if isinstance(net, HyperLoRA):
+            net.reset_buffers()
         return net.to(device=device, dtype=dtype).eval()
 
     @property
@@ -89,9 +115,12 @@ class Checkpoint:
         return sum(t.numel() for t in self.state_dict.values())
 
     def describe(self) -> dict:
-        """Base model, variant, modules, dims, rank and size: for `loragen inspect` and GET /v1/checkpoints."""
+        """Kind, base model, variant, modules, dims, rank and size: for `loragen inspect` and GET /v1/checkpoints."""
         c = self.config
+        if isinstance(c, D2LConfig):
+            return self._describe_d2l(c)
         return {
+            "kind": "t2l",
             "base_model": c.base_model,
             "base_model_revision": c.base_model_revision,
             "variant": c.variant,
@@ -113,6 +142,26 @@ class Checkpoint:
             "sha256": self.sha256,
         }
 
+    def _describe_d2l(self, c: D2LConfig) -> dict:
+        return {
+            "kind": D2L_KIND,
+            "base_model": c.base_model,
+            "base_model_revision": c.base_model_revision,
+            "modules": {m.name: {"d_in": m.d_in, "d_out": m.d_out} for m in c.modules},
+            "n_layers": c.n_layers,
+            "base_hidden_size": c.hidden,
+            "rank": c.r,  # per chunk: a document of n chunks gets (n + 1) * rank with the bias LoRA
+            "lora_alpha": c.lora_alpha,  # applied as is, not divided by the rank (see docs/documents.md)
+            "bias_lora": c.use_bias,
+            "latent": c.latent,
+            "perceiver": asdict(c.perceiver),
+            "pre_head_layers": c.pre_head_layers,
+            "chunk_tokens": c.chunk_tokens or None,  # None: a document is one chunk unless a request says otherwise
+            "trained_on_quantized_base": c.trained_on_quantized_base,
+            "parameters": self.n_params,
+            "sha256": self.sha256,
+        }
+
     def save(self, out_dir: str | Path) -> Path:
         """Write the native format; the directory is created, existing files are replaced."""
         out = Path(out_dir)
@@ -122,14 +171,14 @@ class Checkpoint:
         return out
 
 
-def expected_shapes(config: HyperConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config: AnyConfig) -> dict[str, tuple[int, ...]]:
     """Every state-dict key the architecture has, with its shape (built on the meta device: no memory)."""
     with torch.device("meta"):
-        net = build_hypernet(config)
+        net = build_network(config)
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
 
 
-def check_state_dict(config: HyperConfig, state_dict: Mapping[str, object]) -> None:
+def check_state_dict(config: AnyConfig, state_dict: Mapping[str, object]) -> None:
     """Strict: the exact key set, every value a floating tensor of the expected shape; errors name keys."""
     want = expected_shapes(config)
     missing = sorted(set(want) - set(state_dict))
@@ -140,11 +189,10 @@ def check_state_dict(config: HyperConfig, state_dict: Mapping[str, object]) -> N
             parts.append(f"missing keys {_few(missing)}")
         if unexpected:
             parts.append(f"unexpected keys {_few(unexpected)}")
-        raise CheckpointError(
-            f"state dict does not match a {config.variant} hypernetwork"
-            f"{' with a token reader (config.json has reader)' if config.reader else ''} for modules "
-            f"{config.target_modules}: {'; '.join(parts)}"
-        )
+        what = (f"a Doc-to-LoRA hypernetwork ({config.pre_head_layers} pre-head layers, {config.perceiver.blocks} "
+                f"Perceiver blocks)" if isinstance(config, D2LConfig) else
+                f"a {config.variant} hypernetwork{' with a token reader (config.json has reader)' if config.reader else ''}")
+        raise CheckpointError(f"state dict does not match {what} for modules {config.target_modules}: {'; '.join(parts)}")
     for k, shape in want.items():
         v = state_dict[k]
         if not isinstance(v, torch.Tensor) or not v.is_floating_point():
@@ -155,7 +203,7 @@ def check_state_dict(config: HyperConfig, state_dict: Mapping[str, object]) -> N
             raise CheckpointError(f"state dict entry {k!r} holds NaN or infinite values")
 
 
-def content_hash(config: HyperConfig, state_dict: Mapping[str, torch.Tensor]) -> str:
+def content_hash(config: AnyConfig, state_dict: Mapping[str, torch.Tensor]) -> str:
     """sha256 over the canonical config JSON and every tensor (sorted keys; name, dtype, shape, bytes)."""
     h = hashlib.sha256(config.canonical_json().encode())
     for k in sorted(state_dict):
@@ -187,10 +235,15 @@ def load_checkpoint(
         ckpt = load_native(path, source=src)
     elif all((path / f).is_file() for f in T2L_FILES):
         ckpt = import_t2l(path, module_order=module_order, source=src)
+    elif is_d2l_source(path):
+        if module_order is not None:
+            raise CheckpointError("--module-order applies to released T2L checkpoints; Doc-to-LoRA sorts its modules by name")
+        config, sd = import_d2l(path)
+        ckpt = Checkpoint.from_state_dict(config, sd, src)
     else:
         raise CheckpointError(
-            f"{src} is not a checkpoint: expected {NATIVE_CONFIG} + {NATIVE_WEIGHTS} (native) or "
-            f"{' + '.join(T2L_FILES)} (released T2L)"
+            f"{src} is not a checkpoint: expected {NATIVE_CONFIG} + {NATIVE_WEIGHTS} (native), "
+            f"{' + '.join(T2L_FILES)} (released T2L) or [checkpoint-<step>/]pytorch_model.bin (released Doc-to-LoRA)"
         )
     if base_model:
         config = replace(ckpt.config, base_model=base_model)
@@ -246,7 +299,7 @@ def load_native(path: Path, source: str = "") -> Checkpoint:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"cannot read {path / NATIVE_CONFIG}: {_first_line(e)}") from None
     try:
-        config = HyperConfig.from_dict(raw)
+        config = D2LConfig.from_dict(raw) if isinstance(raw, dict) and raw.get("kind") == D2L_KIND else HyperConfig.from_dict(raw)
     except ConfigError as e:
         raise CheckpointError(f"invalid {path / NATIVE_CONFIG}: {e}") from None
     try:

@@ -24,3 +24,7 @@ class EncoderError(LoragenError):
 
 class InputError(LoragenError, ValueError):
     """A task description, document or embedding that cannot be turned into an adapter."""
+
+
+class DocumentTooLarge(InputError):
+    """A document past a limit of the server (tokens or chunks): the message names the limit."""
