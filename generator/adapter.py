@@ -26,6 +26,7 @@ import torch
 
 from generator.config import HyperConfig, ModuleSpec
 from generator.errors import InputError
+from loragen.check import VLLM_MAX_LORA_RANKS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -40,6 +41,12 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise InputError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def padded_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts (--max-lora-rank values) that holds `rank`; `rank` itself past the largest.
+    An adapter of rank `rank` zero-padded to it computes the same update: zero rows of A and zero columns of B."""
+    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank)
 
 
 def peft_key(layer: int, module: ModuleSpec, which: str) -> str:

@@ -25,23 +25,17 @@ from pathlib import Path
 import torch
 
 from generator import __version__
-from generator.adapter import LoraAdapter, lora_config_dict, parse_dtype, peft_key
+from generator.adapter import LoraAdapter, lora_config_dict, padded_rank, parse_dtype, peft_key
 from generator.checkpoint import Checkpoint, load_checkpoint
 from generator.d2l import context
 from generator.d2l.base import BaseModel, load_base
 from generator.d2l.config import D2LConfig
 from generator.d2l.hypernet import D2LHypernet
 from generator.errors import DocumentTooLarge, InputError
-from loragen.check import VLLM_MAX_LORA_RANKS
 
 log = logging.getLogger(__name__)
 
 KIND_INPUTS = ("task", "document")
-
-
-def padded_rank(rank: int) -> int:
-    """The smallest rank vLLM accepts that holds `rank`; `rank` itself past vLLM's largest."""
-    return next((r for r in VLLM_MAX_LORA_RANKS if r >= rank), rank)
 
 
 class DocLoraGenerator:
