@@ -27,4 +27,4 @@ class InputError(LoragenError, ValueError):
 
 
 class DocumentTooLarge(InputError):
-    """A document past a limit of the server (tokens or chunks): the message names the limit."""
+    """A document with more tokens than the server takes (413): the message names the limit."""

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from generator.checkpoint import Checkpoint
+from generator.errors import InputError
 from generator.pipeline import TaskInput
+from generator.stack import check_weights, stack_adapters
 from service.cache import AdapterCache, CacheUnavailable
 from service.errors import InvalidInput, NotFound, Overloaded, Timeout, Unavailable
 from service.logctx import request_id_var
@@ -57,9 +59,11 @@ class Backend(Protocol):
 
 class AdapterService:
     def __init__(self, settings: Settings, checkpoints: dict[str, Checkpoint], cache: AdapterCache, metrics: Metrics,
-                 backend: Backend):
+                 backend: Backend, identities: dict[str, dict] | None = None):
         self.settings = settings
         self.checkpoints = checkpoints
+        # per Doc-to-LoRA checkpoint: the base model's hash and the chunking, which its adapters depend on too
+        self.identities = identities or {}
         self.default = settings.default_checkpoint or next(iter(checkpoints), None)
         self.cache = cache
         self.metrics = metrics
@@ -67,6 +71,7 @@ class AdapterService:
         self.cache_ok = True  # False while the cache backend is unreachable: we generate uncached
         self._inflight: dict[str, asyncio.Task[bytes]] = {}
         self._waiters: dict[str, int] = {}  # per in-flight id: requests still waiting for it
+        self._combining: dict[str, asyncio.Task[bytes]] = {}  # stacked adapters being made, by id
         metrics.pending.set_function(lambda: len(self._inflight))
 
     # ---- identity ----
@@ -84,7 +89,7 @@ class AdapterService:
             raise InvalidInput(f"unknown checkpoint {checkpoint!r}; served: {served}")
         return cid, self.checkpoints[cid]
 
-    def adapter_id(self, ckpt: Checkpoint, item: TaskInput, dtype: str) -> str:
+    def adapter_id(self, ckpt: Checkpoint, item: TaskInput, dtype: str, cid: str | None = None) -> str:
         key = {
             "checkpoint": ckpt.sha256,
             "input": [item.kind, item.digest()],
@@ -92,6 +97,8 @@ class AdapterService:
             "compute_dtype": self.settings.compute_dtype,
             "format_version": ADAPTER_FORMAT_VERSION,
         }
+        if cid in self.identities:  # a Doc-to-LoRA checkpoint: its base model and chunking decide the bytes too
+            key["reader"] = self.identities[cid]
         return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     # ---- cache, degrading to uncached when the backend is down ----
@@ -151,13 +158,16 @@ class AdapterService:
         the dtype resolved, so a request naming the default and one naming none share one id and one entry."""
         dtype = dtype or self.default_dtype
         cid, ckpt = self.resolve(checkpoint)
+        if item.kind == "embedding" and ckpt.kind == "d2l":
+            raise InvalidInput(f"checkpoint {cid} is a Doc-to-LoRA checkpoint: its base model reads a text, so a ready "
+                               "embedding cannot condition it; send the document or task description as text")
         if item.kind == "embedding" and ckpt.config.reader is not None:
             raise InvalidInput(f"checkpoint {cid} reads the token states of a text (it has a token reader), so a "
                                "ready embedding cannot condition it; send the task or document as text instead")
         if item.kind == "embedding" and len(item.embedding) != ckpt.config.task_emb_dim:
             raise InvalidInput(f"embedding has {len(item.embedding)} values; checkpoint {cid} takes "
                                f"{ckpt.config.task_emb_dim}")
-        adapter_id = self.adapter_id(ckpt, item, dtype)
+        adapter_id = self.adapter_id(ckpt, item, dtype, cid)
         data = await self.cached(adapter_id)
         if data is not None:
             return Result(adapter_id, data, hit=True)
@@ -207,4 +217,53 @@ class AdapterService:
         if not self.backend.stores_results:  # remote workers cache (and count) what they generate
             self.metrics.generated.inc()
             await self._store(job.adapter_id, data)
+        return data
+
+    # ---- stacking cached adapters (generator/stack.py) ----
+
+    @staticmethod
+    def combine_id(sources: list[tuple[str, float]], dtype: str | None) -> str:
+        """The stacked adapter's id: its sources' ids and weights, in order, the dtype asked for (None: the
+        sources' own) and the format version."""
+        key = {"adapters": [[i, w] for i, w in sources], "dtype": dtype, "format_version": ADAPTER_FORMAT_VERSION}
+        return hashlib.sha256(json.dumps(key, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+    async def combine(self, sources: list[tuple[str, float]], dtype: str | None = None) -> Result:
+        """The cached adapters `sources` (id, weight) stacked into one, from the cache or made (once per id in
+        this process, off the event loop) and cached. 404 naming a source not cached, 503 while the cache is
+        unreachable, 422 for sources that do not stack."""
+        try:
+            check_weights([w for _, w in sources])
+        except InputError as e:
+            raise InvalidInput(str(e)) from None
+        adapter_id = self.combine_id(sources, dtype)
+        data = await self.cached(adapter_id)
+        if data is not None:
+            return Result(adapter_id, data, hit=True)
+        task = self._combining.get(adapter_id)
+        if task is None:
+            task = self._combining[adapter_id] = asyncio.create_task(self._combine(adapter_id, sources, dtype))
+
+            def done(t: asyncio.Task[bytes]) -> None:
+                del self._combining[adapter_id]
+                if not t.cancelled():
+                    t.exception()  # retrieved: a failure nobody awaited any more is not logged as unhandled
+
+            task.add_done_callback(done)
+        # shield: a caller that hangs up leaves the stacking to finish and be cached
+        return Result(adapter_id, await asyncio.shield(task), hit=False)
+
+    async def _combine(self, adapter_id: str, sources: list[tuple[str, float]], dtype: str | None) -> bytes:
+        ids = [i for i, _ in sources]
+        unique = list(dict.fromkeys(ids))  # a source named twice is fetched once
+        files = dict(zip(unique, await asyncio.gather(*(self.get(i) for i in unique)), strict=True))
+
+        def stacked() -> bytes:  # on a worker thread: the tensor work and the serialising
+            return stack_adapters([files[i] for i in ids], [w for _, w in sources], ids, dtype=dtype).safetensors_bytes()
+
+        try:
+            data = await asyncio.to_thread(stacked)
+        except InputError as e:
+            raise InvalidInput(str(e)) from None
+        await self._store(adapter_id, data)
         return data

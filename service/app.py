@@ -66,6 +66,11 @@ def load_generators(settings: Settings, checkpoints: dict | None = None) -> list
     for device in devices_for(settings.device):
         generators = {}
         for cid, ckpt in checkpoints.items():
+            if ckpt.kind == "d2l":
+                generators[cid] = gen = doc_generator(settings, cid, ckpt, device)
+                log.info("loaded Doc-to-LoRA checkpoint %s on %s from %s with its base %s (%.1f MB, sha256 %s)", cid,
+                         device, settings.checkpoints[cid], gen.base.path, gen.base.n_bytes / 1e6, gen.base.sha256[:12])
+                continue
             gen = LoraGenerator(ckpt, device=device, compute_dtype=getattr(torch, settings.compute_dtype),
                                 trust_remote_code=settings.trust_remote_code)
             try:
@@ -78,6 +83,33 @@ def load_generators(settings: Settings, checkpoints: dict | None = None) -> list
                      settings.checkpoints[cid], gen.config.variant, gen.config.base_model, ckpt.sha256[:12])
         per_device.append(generators)
     return per_device
+
+
+def doc_generator(settings: Settings, cid: str, ckpt, device: str):
+    """A Doc-to-LoRA checkpoint with its base model on `device`, under the settings' chunking and limits."""
+    import torch
+
+    from generator.d2l.generator import DocLoraGenerator
+
+    return DocLoraGenerator(ckpt, device=device, compute_dtype=getattr(torch, settings.compute_dtype),
+                            trust_remote_code=settings.trust_remote_code, base_dir=settings.base_dirs.get(cid),
+                            chunk_tokens=settings.chunk_tokens, max_tokens=settings.max_document_tokens,
+                            max_chunks=settings.max_chunks)
+
+
+def identities(settings: Settings, checkpoints: dict, generators: dict | None = None) -> dict[str, dict]:
+    """Per Doc-to-LoRA checkpoint id, what besides the checkpoint decides its adapters' bytes (the base model's
+    hash and the chunking), from its loaded generator or, on an API node that holds none, from the base's files."""
+    from generator.d2l.generator import adapter_identity
+
+    out = {}
+    for cid, ckpt in checkpoints.items():
+        if ckpt.kind != "d2l":
+            continue
+        gen = (generators or {}).get(cid)
+        out[cid] = gen.identity if gen is not None else adapter_identity(
+            ckpt.config, settings.base_dirs.get(cid), settings.chunk_tokens)
+    return out
 
 
 def create_app(settings: Settings | None = None, loaded: dict | list | None = None) -> FastAPI:
@@ -121,7 +153,9 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
             backend = WorkerPool(generators, metrics, max_batch_size=settings.max_batch_size,
                                  max_wait_ms=settings.max_wait_ms, max_queue=settings.max_pending)
         backend.start()
-        app.state.service = AdapterService(settings, checkpoints, cache, metrics, backend)
+        held = generators[0] if settings.queue != "redis" or settings.embedded_worker else None
+        app.state.service = AdapterService(settings, checkpoints, cache, metrics, backend,
+                                           identities(settings, checkpoints, held))
         from service.playground import Playground
 
         app.state.playground = Playground(settings, app.state.service, devices_for(settings.device)[0])
@@ -185,9 +219,10 @@ def create_app(settings: Settings | None = None, loaded: dict | list | None = No
     key_hashes = settings.api_key_hashes()
     open_paths = {"/health", "/ready"} | ({"/metrics"} if settings.metrics_public else set())
 
-    from service.routes import adapters, ops, playground
+    from service.routes import adapters, combine, ops, playground
 
     app.include_router(adapters.router)
+    app.include_router(combine.router)
     app.include_router(playground.router)
     app.include_router(ops.router)
     if settings.playground:  # the page asks for the key itself: it and its assets are open

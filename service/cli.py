@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     g.add_argument("--trust-remote-code", action="store_true",
                    help="allow an encoder that ships its own code (gte-large-en-v1.5 of released T2L)")
+    g.add_argument("--base-dir", metavar="DIR", help="Doc-to-LoRA: the base model's directory, when the checkpoint's "
+                   "base_model_name_or_path does not resolve here")
+    g.add_argument("--chunk-tokens", type=int, metavar="N", help="Doc-to-LoRA: tokens per chunk of a long document "
+                   "(0: one chunk, the default of the reference's evaluation; default: the checkpoint's)")
     checkpoint_args(g)
 
     t = sub.add_parser("try", help="run an adapter on the demo base model: its answers without and with the adapter")
@@ -96,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="machine-readable output")
     checkpoint_args(i)
 
-    c = sub.add_parser("convert", help="convert a released T2L directory to the native format")
-    c.add_argument("source", metavar="T2L_DIR")
+    c = sub.add_parser("convert", help="convert a released T2L or Doc-to-LoRA checkpoint to the native format")
+    c.add_argument("source", metavar="SRC")
     c.add_argument("out", metavar="OUT_DIR")
     checkpoint_args(c)
 
@@ -270,6 +274,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from generator import DEMO_CHECKPOINTS
+    from generator.checkpoint import load_checkpoint
     from generator.errors import InputError
     from generator.pipeline import LoraGenerator, TaskInput
 
@@ -281,14 +286,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
         item = TaskInput.from_embedding(_read_embedding(args.embedding))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise InputError(f"--device {args.device}: no CUDA device is available here; use --device cpu")
-    gen = LoraGenerator.load(args.checkpoint or str(DEMO_CHECKPOINTS["demo"]), module_order=args.module_order,
-                             base_model=args.base_model,
-                             device=args.device, compute_dtype=getattr(torch, args.compute_dtype),
-                             trust_remote_code=args.trust_remote_code)
+    if args.chunk_tokens is not None and args.chunk_tokens < 0:
+        raise InputError(f"--chunk-tokens {args.chunk_tokens}: give 0 (no chunking) or a positive token count")
+    ckpt = load_checkpoint(args.checkpoint or str(DEMO_CHECKPOINTS["demo"]), module_order=args.module_order,
+                           base_model=args.base_model)
+    kwargs = dict(device=args.device, compute_dtype=getattr(torch, args.compute_dtype),
+                  trust_remote_code=args.trust_remote_code)
+    if ckpt.kind == "d2l":
+        from generator.d2l.generator import DocLoraGenerator
+
+        gen = DocLoraGenerator(ckpt, base_dir=args.base_dir, chunk_tokens=args.chunk_tokens, **kwargs)
+    elif args.base_dir is not None or args.chunk_tokens is not None:
+        raise InputError("--base-dir and --chunk-tokens apply to Doc-to-LoRA checkpoints; this one is a T2L checkpoint, "
+                         "whose adapters need no base model")
+    else:
+        gen = LoraGenerator(ckpt, **kwargs)
     (adapter,) = gen.generate([item], dtype=args.dtype or args.compute_dtype)
     out = adapter.save_pretrained(args.out)
+    extra = (f", {adapter.provenance['chunks']} chunk(s), rank {adapter.provenance['rank']} in r {adapter.config['r']}"
+             if ckpt.kind == "d2l" else "")
     print(f"wrote {out} ({adapter.safetensors_size()} bytes, {len(adapter.tensors)} tensors, "
-          f"base {gen.config.base_model}, input {adapter.provenance['input_sha256'][:16]})")
+          f"base {gen.config.base_model}{extra}, input {adapter.provenance['input_sha256'][:16]})")
     return 0
 
 
@@ -325,10 +343,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for key, value in info.items():
         if key == "modules":
             value = ", ".join(f"{m} {d['d_in']}->{d['d_out']}" for m, d in value.items())
+        elif key == "perceiver":
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key == "chunk_tokens" and value is None:
+            value = "none (a document is one chunk unless --chunk-tokens says otherwise)"
         elif key == "reader":
             value = ("none (one pooled embedding per text)" if value is None else
                      "token states, " + ", ".join(f"{k} {v}" for k, v in value.items()))
-        print(f"{key:22} {value}")
+        print(f"{key:26} {value}")
     return 0
 
 
@@ -357,8 +379,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.source, module_order=args.module_order, base_model=args.base_model)
     out = ckpt.save(args.out)
-    print(f"wrote {out / NATIVE_CONFIG} and weights: variant {ckpt.config.variant}, "
-          f"modules {ckpt.config.target_modules}, sha256 {ckpt.sha256}")
+    what = "Doc-to-LoRA" if ckpt.kind == "d2l" else f"variant {ckpt.config.variant}"
+    print(f"wrote {out / NATIVE_CONFIG} and weights: {what}, modules {ckpt.config.target_modules}, sha256 {ckpt.sha256}")
     return 0
 
 

@@ -45,6 +45,9 @@ class Metrics:
                                   registry=r)
         self.live_workers = Gauge("loragen_live_workers", "workers with a live heartbeat, per checkpoint (read at "
                                   "scrape time)", ["checkpoint"], registry=r)
+        self.model_bytes = Gauge("loragen_model_bytes", "memory of the models a worker holds, per checkpoint, device "
+                                 "and part (hypernetwork; base, the base model a Doc-to-LoRA checkpoint reads with)",
+                                 ["checkpoint", "device", "part"], registry=r)
         # several API processes can share one port (loragen serve --api-processes N): which one answered
         self.process_id = Gauge("loragen_process_id", "the operating-system id of the process that answered",
                                 registry=r)

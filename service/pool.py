@@ -20,9 +20,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
-from generator.errors import LoragenError
+from generator.errors import DocumentTooLarge, LoragenError
 from generator.pipeline import LoraGenerator, TaskInput
-from service.errors import GenerationFailed, InvalidInput, Overloaded, Unavailable
+from service.errors import GenerationFailed, InvalidInput, Overloaded, PayloadTooLarge, Unavailable
 from service.logctx import NO_REQUEST, serving
 from service.malloc import keep_freed_memory
 from service.metrics import Metrics
@@ -119,7 +119,21 @@ class Worker:
         except LoragenError as err:
             with serving([e.job.request_id]):
                 log.info("refused an input: %s", err)
-            _settle(e, error=InvalidInput(str(err)))
+            # a document past the server's token limit is a 413, any other refusal a 422; the message names why
+            _settle(e, error=(PayloadTooLarge if isinstance(err, DocumentTooLarge) else InvalidInput)(str(err)))
+
+
+def model_memory(generators_per_device: list[dict[str, LoraGenerator]]) -> dict[tuple[str, str, str], int]:
+    """Bytes of each held model: (checkpoint, device, 'hypernetwork' | 'base') -> bytes."""
+    out = {}
+    for generators in generators_per_device:
+        for cid, gen in generators.items():
+            net = sum(t.numel() * t.element_size() for t in gen.net.parameters())
+            out[(cid, str(gen.device), "hypernetwork")] = net
+            base = getattr(gen, "base", None)  # a Doc-to-LoRA checkpoint holds its base model beside the hypernetwork
+            if base is not None:
+                out[(cid, str(gen.device), "base")] = base.n_bytes
+    return out
 
 
 def _settle(e: _Entry, result: bytes | None = None, error: Exception | None = None) -> None:
@@ -144,6 +158,9 @@ class WorkerPool:
         self.workers = [Worker(self, i, g) for i, g in enumerate(generators_per_device)]
         self._supervisor: asyncio.Task | None = None
         metrics.queue_depth.set_function(self.queue.qsize)
+        self.memory = model_memory(generators_per_device)
+        for (cid, device, part), n in self.memory.items():
+            metrics.model_bytes.labels(cid, device, part).set(n)
 
     def start(self) -> None:
         keep_freed_memory()  # this process now allocates and frees adapter-sized blocks all day long
@@ -194,7 +211,11 @@ class WorkerPool:
         return await asyncio.wrap_future(entry.future)
 
     async def readiness(self) -> tuple[bool, dict]:
-        return True, {}  # a dead worker thread is replaced by the supervisor
+        # a dead worker thread is replaced by the supervisor; the models' memory is what an operator sizes hosts by
+        memory: dict[str, dict[str, int]] = defaultdict(dict)
+        for (cid, device, part), n in self.memory.items():
+            memory[cid][f"{part}_bytes"] = memory[cid].get(f"{part}_bytes", 0) + n
+        return True, {"model_memory": dict(memory)}
 
     async def close(self, timeout_s: float = 5.0) -> None:
         self.stopping.set()

@@ -61,6 +61,16 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(2.0, gt=0)
 
     max_text_chars: int = Field(200_000, ge=1)  # a task description or a document
+
+    # Doc-to-LoRA checkpoints (docs/documents.md): they read a text with their base model, which the worker holds.
+    # checkpoint id -> the base model's directory, for a checkpoint whose base_model_name_or_path does not resolve
+    # here. LORAGEN_BASE_DIRS='qwen=/models/Qwen3-4B-Instruct-2507' or a JSON object
+    base_dirs: Annotated[dict[str, Path], NoDecode] = Field(default_factory=dict)
+    # tokens per chunk of a long document; 0: no chunking (the reference's evaluation default); None: the checkpoint's
+    chunk_tokens: int | None = Field(None, ge=0)
+    # a document's tokens with the chat template (past it: 413) and its chunks (past it: 422), per request
+    max_document_tokens: int = Field(32_768, ge=1)
+    max_chunks: int = Field(64, ge=1)
     max_body_bytes: int = Field(4 * MiB, ge=1024)  # refused with 413 before the body is read whole
     max_header_bytes: int = Field(16 * 1024, ge=1024)  # all request header names and values together; past it, 431
     max_batch: int = Field(64, ge=1)  # inputs in one POST /v1/adapters/batch
@@ -179,7 +189,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"checkpoint id {cid!r} must be letters, digits, '-', '_' or '.'")
         return value
 
-    @field_validator("playground_bases", "playground_suites", mode="before")
+    @field_validator("playground_bases", "playground_suites", "base_dirs", mode="before")
     @classmethod
     def _parse_paths(cls, value: object) -> object:
         """'id=path,id2=path2' or a JSON object."""
@@ -193,7 +203,7 @@ class Settings(BaseSettings):
             return {cid.strip(): path.strip() for cid, path in pairs}
         return value
 
-    @field_validator("playground_bases")
+    @field_validator("playground_bases", "base_dirs")
     @classmethod
     def _check_bases(cls, value: dict[str, Path]) -> dict[str, Path]:
         for cid, path in value.items():
@@ -211,7 +221,7 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _playground_ids(self) -> Settings:
-        for name in ("playground_bases", "playground_suites"):
+        for name in ("playground_bases", "playground_suites", "base_dirs"):
             unknown = sorted(set(getattr(self, name)) - set(self.checkpoints))
             if unknown:
                 raise ValueError(f"{name} names checkpoints that are not served: {', '.join(unknown)}")

@@ -28,7 +28,7 @@ from generator import __version__
 from generator.adapter import LoraAdapter, lora_config_dict, padded_rank, parse_dtype, peft_key
 from generator.checkpoint import Checkpoint, load_checkpoint
 from generator.d2l import context
-from generator.d2l.base import BaseModel, load_base
+from generator.d2l.base import BaseModel, base_identity, load_base, resolve_base_dir
 from generator.d2l.config import D2LConfig
 from generator.d2l.hypernet import D2LHypernet
 from generator.errors import DocumentTooLarge, InputError
@@ -36,6 +36,12 @@ from generator.errors import DocumentTooLarge, InputError
 log = logging.getLogger(__name__)
 
 KIND_INPUTS = ("task", "document")
+
+
+def adapter_identity(config: D2LConfig, base_dir: str | Path | None, chunk_tokens: int | None) -> dict[str, object]:
+    """`DocLoraGenerator.identity` without loading the model: the base's files hashed, the chunking resolved."""
+    return {"base_sha256": base_identity(resolve_base_dir(config, base_dir).resolve()),
+            "chunk_tokens": config.chunk_tokens if chunk_tokens is None else chunk_tokens}
 
 
 class DocLoraGenerator:
@@ -95,7 +101,7 @@ class DocLoraGenerator:
                                    f"{self.max_tokens} (max_document_tokens)")
         out = context.chunk(ids, self.chunk_tokens, self.affixes)
         if self.max_chunks is not None and len(out) > self.max_chunks:
-            raise DocumentTooLarge(f"the document makes {len(out)} chunks of {self.chunk_tokens} tokens; this server "
+            raise InputError(f"the document makes {len(out)} chunks of {self.chunk_tokens} tokens; this server "
                                    f"takes at most {self.max_chunks} (max_chunks)")
         return out
 
