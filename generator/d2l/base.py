@@ -84,8 +84,12 @@ def load_base(config: D2LConfig, base_dir: str | Path | None = None, *, device: 
     path = resolve_base_dir(config, base_dir)
     hf_logging.disable_progress_bar()
     try:
-        # the config first: a base of another shape is refused before its weights are read
-        check_base(config, AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code), path)
+        base_config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # unreadable JSON, an unknown model type, fields that contradict each other
+        raise CheckpointError(f"base model {path}: its config.json cannot be read: {' '.join(str(e).split())[:300]}") from None
+    # the config first: a base of another shape is refused before its weights are read
+    check_base(config, base_config, path)
+    try:
         tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, RuntimeError) as e:  # unreadable files, unknown architecture, weights of other sizes

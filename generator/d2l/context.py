@@ -39,14 +39,17 @@ class Affixes:
 
 def render(tokenizer, document: str) -> str:
     """The document as the reference's context: an empty system turn, the document (stripped) as the user turn,
-    and the generation prompt. A template that refuses a system turn gets the user turn alone."""
+    and the generation prompt. A template that refuses a system turn (Gemma's: "System role not supported";
+    Mistral's: "Conversation roles must alternate") gets the user turn alone."""
     messages = [{"role": "system", "content": ""}, {"role": "user", "content": document.strip()}]
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    except Exception as e:  # jinja raises TemplateError (or a bare exception) for an unsupported system role
-        if "system" not in str(e).lower():
-            raise InputError(f"the base model's chat template cannot render a document: {e}") from None
+    except Exception:  # jinja's TemplateError, raised by the template's own raise_exception(...)
+        pass
+    try:
         return tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
+    except Exception as e:
+        raise InputError(f"the base model's chat template cannot render a document as a user turn: {e}") from None
 
 
 def tokenize(tokenizer, document: str) -> list[int]:
