@@ -69,6 +69,18 @@ def test_a_run_a_checkpoint_and_a_weights_directory_load_the_same(tmp_path):
     assert by_run.kind == "d2l"
 
 
+def test_a_released_name_on_the_hub_resolves_through_the_hub_cache(tmp_path):
+    """hf://SakanaAI/doc-to-lora/<name>, offline, against a local cache laid out as the hub client writes it, with
+    the released layout under the name: args.yaml and checkpoint-<step>/pytorch_model.bin."""
+    commit = "0" * 40
+    repo = tmp_path / "hub" / "models--SakanaAI--doc-to-lora"
+    shutil.copytree(RUN, repo / "snapshots" / commit / "tiny_d2l")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    ckpt = load_checkpoint("hf://SakanaAI/doc-to-lora/tiny_d2l", cache_dir=tmp_path / "hub")
+    assert ckpt.kind == "d2l" and ckpt.sha256 == load_checkpoint(RUN).sha256
+
+
 def test_args_yaml_with_python_tags_is_read_without_building_objects():
     raw = (RUN / "args.yaml").read_text()
     assert "!!python/object/apply:" in raw

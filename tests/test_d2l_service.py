@@ -150,3 +150,34 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
                 cwd=tmp_path)
     assert r.returncode == 2 and message in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_an_api_node_and_a_worker_agree_on_the_id_and_the_bytes(redis_server, redis_prefix, tmp_path):
+    """Distributed mode: the API node holds no base model and hashes the base's files for the id; the `loragen
+    worker` holding it generates through the Redis stream; the bytes equal direct generation."""
+    from generator.checkpoint import load_checkpoint
+    from generator.d2l.generator import DocLoraGenerator
+    from generator.pipeline import TaskInput
+
+    env = {"LORAGEN_REDIS_URL": redis_server.url, "LORAGEN_CACHE_PREFIX": redis_prefix,
+           "LORAGEN_BASE_DIRS": f"d2l={BASE}", "LORAGEN_CHUNK_TOKENS": "96"}
+    worker = ServiceProcess({"d2l": RUN}, tmp_path / "worker.log", env, command="worker")
+    api = ServiceProcess({"d2l": RUN}, tmp_path / "api.log", env, "--queue", "redis")
+    try:
+        with httpx.Client(base_url=api.url, timeout=90) as c:
+            r = c.post("/generate", json={"document": text(DOC)})
+            assert r.status_code == 200, r.text
+            hit = c.post("/generate", json={"document": text(DOC)})
+    finally:
+        api.stop()
+        worker.stop()
+    assert hit.headers["x-adapter-id"] == r.headers["x-adapter-id"] and hit.content == r.content
+    direct = DocLoraGenerator(load_checkpoint(RUN), base_dir=BASE, chunk_tokens=96)
+    assert r.content == direct.generate([TaskInput.document(text(DOC))])[0].safetensors_bytes()
+
+
+def test_the_playground_describes_a_doc_to_lora_checkpoint(client):
+    r = client.get("/v1/playground")
+    assert r.status_code == 200, r.text
+    (entry,) = [c for c in r.json()["checkpoints"] if c["id"] == "d2l"]
+    assert entry["base_model"] == "tiny-random/qwen3-d2l"
