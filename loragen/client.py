@@ -59,6 +59,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 Format = Literal["safetensors", "peft-tar"]
 CacheResult = Literal["hit", "miss"]
 BatchInput = str | Mapping[str, Any]  # a task description, or {"task": ...} / {"document": ...} / {"embedding": [...]}
+StackInput = str | tuple[str, float]  # a cached adapter's id (weight 1), or (id, weight)
 T = TypeVar("T")
 
 
@@ -352,6 +353,33 @@ def _batch_call(inputs: Sequence[BatchInput], checkpoint: str | None, dtype: str
     return _Call("POST", "/v1/adapters/batch", _read_batch, body=body)
 
 
+def _combine_call(adapters: Sequence[StackInput], dtype: str | None, format: Format | None) -> _Call[Adapter]:
+    if isinstance(adapters, str | bytes | Mapping) or not isinstance(adapters, Sequence):
+        raise TypeError(f"adapters must be a list of adapter ids or (id, weight) pairs, got {type(adapters).__name__}")
+    fmt = _format(format)
+    body = {"adapters": [_stack_input(x, i) for i, x in enumerate(adapters)], **_options(dtype=dtype)}
+    if format is not None:
+        body["format"] = fmt
+    return _Call("POST", "/v1/adapters/combine", partial(_read_adapter, format=fmt), body=body)
+
+
+def _stack_input(item: StackInput, i: int) -> dict[str, Any]:
+    where = f"adapters[{i}]: "
+    if isinstance(item, str):
+        adapter_id, weight = item, 1.0
+    elif isinstance(item, Sequence) and not isinstance(item, bytes) and len(item) == 2:
+        adapter_id, weight = item
+    else:
+        raise TypeError(f"{where}expected an adapter id or an (id, weight) pair, got {item!r:.80}")
+    if not isinstance(adapter_id, str) or not adapter_id:
+        raise TypeError(f"{where}the id must be the id a generation answered (64 hex characters), got {adapter_id!r:.80}")
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        raise TypeError(f"{where}the weight must be a number, got {type(weight).__name__}")
+    if not math.isfinite(weight):
+        raise ValueError(f"{where}the weight is {weight}: every weight must be finite")
+    return {"id": adapter_id, "weight": float(weight)}
+
+
 def _json_call(path: str, key: str | None = None) -> _Call[Any]:
     return _Call("GET", path, partial(_read_json, key=key))
 
@@ -562,6 +590,14 @@ class Client:
         embedding. Every input is validated before any is generated. Answers ids, in order; `get(id)` the bytes."""
         return self._run(_batch_call(inputs, checkpoint, dtype))
 
+    def combine(self, adapters: Sequence[StackInput], *, dtype: str | None = None,
+                format: Format | None = None) -> Adapter:
+        """Cached adapters of one base model and modules stacked into one adapter whose update is the sum of
+        theirs, each times its weight: `adapters` are ids (weight 1) or (id, weight) pairs, 2 to 32. `dtype`
+        default: the sources' own. NotFound names a source that is not cached; InvalidInput says what differs
+        between sources that do not stack. Answered from the cache when the same stack was asked for."""
+        return self._run(_combine_call(adapters, dtype, format))
+
     def checkpoints(self) -> list[dict[str, Any]]:
         """The checkpoints served: id, default, base_model, modules, rank, task_emb_dim, encoder, sha256, ..."""
         return self._run(_json_call("/v1/checkpoints", key="checkpoints"))
@@ -625,6 +661,11 @@ class AsyncClient:
                     dtype: str | None = None) -> list[BatchResult]:
         """As `Client.batch`."""
         return await self._run(_batch_call(inputs, checkpoint, dtype))
+
+    async def combine(self, adapters: Sequence[StackInput], *, dtype: str | None = None,
+                      format: Format | None = None) -> Adapter:
+        """As `Client.combine`."""
+        return await self._run(_combine_call(adapters, dtype, format))
 
     async def checkpoints(self) -> list[dict[str, Any]]:
         """As `Client.checkpoints`."""

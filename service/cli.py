@@ -1,4 +1,5 @@
-"""`loragen` command line: serve | worker | generate | try | inspect | convert | check-adapter | train | eval | bench.
+"""`loragen` command line: serve | worker | generate | try | inspect | convert | check-adapter | combine | train | eval |
+bench.
 
 Errors a user can cause print one line on stderr and exit with status 2; nothing heavy is imported until
 a command runs, so `loragen --help` is instant.
@@ -111,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--for", dest="consumer", choices=["peft", "vllm", "lorax"], default="peft",
                    help="where the adapter is going (default peft: a plain LoRA in PEFT's layout)")
     k.add_argument("--max-lora-rank", type=int, metavar="N", help="the server's --max-lora-rank: r must not exceed it")
+
+    s = sub.add_parser("combine", help="stack adapter files of one base model and its modules into one adapter, "
+                       "a weight each (its update: the weighted sum of theirs)")
+    s.add_argument("files", nargs="+", metavar="FILE", help="2 to 32 adapters: .safetensors files with their config in "
+                   "their metadata (what POST /generate returns) or PEFT directories loragen wrote")
+    s.add_argument("--weights", type=_weights, metavar="W,W,...", help="one weight per FILE, comma separated "
+                   "(default: 1 each)")
+    s.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="the stacked adapter's dtype (default: the files' common dtype, else float32)")
+    s.add_argument("--out", required=True, metavar="OUT", help="OUT.safetensors: one file carrying its config, as "
+                   "the API answers; any other path: a PEFT directory")
 
     # every argument after `bench` goes to the suite (main() hands them over before parsing): `loragen bench --help`
     sub.add_parser("bench", add_help=False,
@@ -350,7 +362,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         elif key == "reader":
             value = ("none (one pooled embedding per text)" if value is None else
                      "token states, " + ", ".join(f"{k} {v}" for k, v in value.items()))
-        print(f"{key:26} {value}")
+        print(f"{key:22} {value}")
     return 0
 
 
@@ -400,6 +412,40 @@ def cmd_check_adapter(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from generator.adapter import ADAPTER_WEIGHTS
+    from generator.errors import InputError
+    from generator.stack import stack_adapters
+
+    files = []
+    for path in map(Path, args.files):
+        weights_file = path / ADAPTER_WEIGHTS if path.is_dir() else path
+        try:
+            files.append(weights_file.read_bytes())
+        except FileNotFoundError:
+            raise InputError(f"adapter {weights_file} not found") from None
+        except OSError as e:
+            raise InputError(f"cannot read adapter {weights_file}: {e.strerror}") from None
+    adapter = stack_adapters(files, args.weights or [1.0] * len(files), dtype=args.dtype)
+    out = Path(args.out)
+    if out.suffix == ".safetensors":
+        out.write_bytes(adapter.safetensors_bytes())
+    else:
+        adapter.save_pretrained(out)
+    print(f"wrote {out} ({len(files)} adapters stacked: rank {adapter.provenance['rank']} in r {adapter.config['r']}, "
+          f"{adapter.provenance['dtype']}, base {adapter.config['base_model_name_or_path']})")
+    return 0
+
+
+def _weights(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, e.g. 1,0.5; got {text!r}") from None
+
+
 def _train():
     from generator.train import commands
 
@@ -437,7 +483,7 @@ def _read_embedding(path: str):
 
 
 COMMANDS = {"serve": cmd_serve, "worker": cmd_worker, "generate": cmd_generate, "try": cmd_try, "inspect": cmd_inspect,
-            "convert": cmd_convert, "check-adapter": cmd_check_adapter,
+            "convert": cmd_convert, "check-adapter": cmd_check_adapter, "combine": cmd_combine,
             "train": lambda args: _train().cmd_train(args), "eval": lambda args: _train().cmd_eval(args)}
 
 if __name__ == "__main__":

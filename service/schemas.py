@@ -54,3 +54,20 @@ class BatchItem(BaseModel):
 
 class BatchResponse(BaseModel):
     adapters: list[BatchItem]
+
+
+class CombineItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(..., pattern=r"^[0-9a-f]{64}$", description="a cached adapter's id (its X-Adapter-Id)")
+    # strict, as an embedding's values: a JSON boolean or string is refused (an integer is a number)
+    weight: StrictFloat = Field(1.0, description="what its update is multiplied by; finite, may be 0 or negative")
+
+
+class CombineRequest(BaseModel):
+    """Cached adapters of one base model and one set of modules, stacked with a weight each (docs/api.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    adapters: list[CombineItem] = Field(..., description="2 to 32 adapters, in order (the order is part of the id)")
+    dtype: Dtype | None = Field(None, description="the stacked adapter's dtype; default: the sources' common dtype, "
+                                "else float32")
+    format: Format = "safetensors"

@@ -431,3 +431,33 @@ def test_least_recently_used_adapters_are_evicted_past_the_bound(ids, resolver, 
     assert any("evicted 1 adapter(s)" in line for line in log_lines), log_lines
     tiny = resolver(cache_max_bytes=1)  # smaller than any adapter: keeps only the one just resolved
     assert resolve(tiny, b) is not None and entries(cache) == [ids[1]]
+
+
+# ---- a Doc-to-LoRA adapter -----------------------------------------------------------------------------------------
+
+
+def test_a_doc_to_lora_adapter_resolves_and_vllm_scales_it_as_d2l_does(tmp_path, monkeypatch):
+    """A document's adapter from a Doc-to-LoRA checkpoint (the reference fixture's): `loragen:<id>` resolves to a
+    directory vLLM's classes load at --max-lora-rank 32, with the padded rank and vLLM's scaling equal to D2L's
+    lora_alpha applied as is."""
+    from tests.test_d2l_reference import BASE as D2L_BASE
+    from tests.test_d2l_reference import RUN, text
+
+    env = {"LORAGEN_BASE_DIRS": f"d2l={D2L_BASE}", "LORAGEN_CHUNK_TOKENS": "96"}
+    proc = ServiceProcess({"d2l": RUN}, tmp_path / "serve.log", env)
+    try:
+        with Client(proc.url, timeout=60) as client:
+            adapter_id = client.generate(document=text("doc2_nonascii")).id  # 2 chunks: rank 24, padded to 32
+        resolver = LoragenResolver(ResolverSettings(url=proc.url, cache_dir=tmp_path / "cache", timeout_s=60.0,
+                                                    max_lora_rank=32))
+        request = asyncio.run(resolver.resolve_lora("tiny-random/qwen3-d2l", f"loragen:{adapter_id}"))
+    finally:
+        proc.stop()
+    assert isinstance(request, LoRARequest)
+    monkeypatch.setattr(vllm.lora.lora_model, "PIN_MEMORY", False)  # this CUDA wheel on a CPU machine
+    helper = PEFTHelper.from_local_dir(request.lora_path, max_position_embeddings=None)
+    helper.validate_legal(LoRAConfig(max_lora_rank=32))
+    model = LoRAModel.from_local_checkpoint(request.lora_path, {"down_proj"}, helper, lora_model_id=request.lora_int_id,
+                                            device="cpu", dtype=torch.float32)
+    assert set(model.loras) == {f"model.layers.{i}.mlp.down_proj" for i in range(4)} and model.rank == 32
+    assert model.loras["model.layers.0.mlp.down_proj"].scaling == pytest.approx(2 * 8**1.5)
