@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from tests.service_server import ServiceProcess
 from tests.test_d2l_reference import BASE, FIX, RUN, text
+from tests.test_service import assert_error
 
 DOC = "doc1_long"  # 243 tokens: 3 chunks of 96, or 1 when unchunked
 
@@ -34,12 +35,6 @@ def server(tmp_path_factory):
 def client(server):
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
-
-
-def assert_error(r: httpx.Response, status: int, type_: str, match: str) -> None:
-    assert r.status_code == status, r.text
-    body = r.json()["error"]
-    assert body["type"] == type_ and match in body["message"], body
 
 
 def test_a_document_becomes_the_reference_adapter_over_http(client, tmp_path):
