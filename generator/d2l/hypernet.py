@@ -31,6 +31,9 @@ from torch import nn
 from generator.d2l.config import D2LConfig, PerceiverSpec
 
 LAYER_NORM_EPS = 1e-5  # torch's LayerNorm default, which the reference's per-layer blocks use
+# the Perceiver's input projection is run over as many layers at once as keep its hidden state under this: at
+# Qwen3-0.6B's size (H 1024) a 256-token document's layers go five at a time, a 1k-token one's one at a time
+PERCEIVER_GROUP_BYTES = 64 << 20
 
 
 class RMSNorm(nn.Module):
@@ -206,11 +209,22 @@ class D2LHypernet(nn.Module):
         self.scaler_B = nn.ParameterDict({m.name: nn.Parameter(torch.zeros(1, n_l, r, 1)) for m in config.modules})
 
     def perceiver(self, activations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """activations (n, L, S, H), mask (n, S) → (n, L, M, r, D): every (chunk, layer) read alone, padding unread."""
+        """activations (n, L, S, H), mask (n, S) → (n, L, M, r, D): every (chunk, layer) read alone, padding unread.
+
+        Layers go through in groups whose input projection fits PERCEIVER_GROUP_BYTES: its hidden state is 4H wide
+        for every token of every layer, 12 times the activations with the gate and the product, so all layers at
+        once would hold 5.6 GiB more for a 4k-token document at Qwen3-0.6B's size. A small document still runs
+        all its layers in one pass."""
         n, n_l, s, h = activations.shape
         c = self.config
-        keep = mask.bool()[:, None, :].expand(n, n_l, s).reshape(n * n_l, s)  # (n*L, S)
-        out = self.aggregator.perceiver(activations.reshape(n * n_l, s, h), keep)  # (n*L, M*r, D)
+        per_layer = 3 * n * s * 4 * h * activations.element_size()  # gate, up and their product
+        group = max(1, min(n_l, PERCEIVER_GROUP_BYTES // max(1, per_layer)))
+        out = torch.empty(n, n_l, len(c.modules) * c.r, c.latent, dtype=activations.dtype, device=activations.device)
+        for start in range(0, n_l, group):
+            g = min(group, n_l - start)
+            x = activations[:, start : start + g].reshape(n * g, s, h)  # (n*g, S, H): chunk-major, then layer
+            keep = mask.bool()[:, None, :].expand(n, g, s).reshape(n * g, s)  # (n*g, S)
+            out[:, start : start + g] = self.aggregator.perceiver(x, keep).view(n, g, -1, c.latent)
         return out.view(n, n_l, len(c.modules), c.r, c.latent)
 
     def heads(self, latents: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
