@@ -70,3 +70,46 @@ async def until(predicate, timeout_s: float, every_s: float = 0.01):
         if time.monotonic() > deadline:
             raise AssertionError(f"{getattr(predicate, '__name__', predicate)} not true within {timeout_s} s")
         await asyncio.sleep(every_s)
+
+
+# ---- tiny Hugging Face bases: tokenizers trained on the task texts, sizes for random models ----
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
+            max_position_embeddings=256)  # GQA: v_proj is 32→16, q_proj 32→32
+
+
+def tokenizer_corpus() -> list[str]:
+    return ([d for _, ds, _ in TASKS for d in ds] + [f"Input: {w}\nOutput: {fn(w)}" for _, _, fn in TASKS for w in WORDS]
+            + ["user assistant"] * 5)
+
+
+def llama_tokenizer(chat_template: str | None = None):
+    """A SentencePiece-style BPE that puts BOS itself; a chat template only when given one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(tokenizer_corpus(), trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
+                                                           show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template=chat_template)
+
+
+def qwen_tokenizer():
+    """A byte-level BPE with a ChatML chat template, as Qwen2's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(tokenizer_corpus(), trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML)

@@ -25,47 +25,12 @@ import torch
 from generator import DEMO_BUNDLE
 from generator.errors import InputError
 from generator.train.tasks import load_tasks, suite_from_tasks
-from tests.helpers import HELD_OUT, TASKS, WORDS, write_task_file
+from tests.helpers import HELD_OUT, TASKS, TINY, WORDS, write_task_file
+from tests.helpers import llama_tokenizer as _llama_tokenizer
+from tests.helpers import qwen_tokenizer as _qwen_tokenizer
 from tests.service_server import ServiceProcess
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-            max_position_embeddings=256)  # GQA: v_proj is 32→16, q_proj 32→32
 QV = "q_proj,v_proj"
-
-
-def _corpus() -> list[str]:
-    return ([d for _, ds, _ in TASKS for d in ds] + [f"Input: {w}\nOutput: {fn(w)}" for _, _, fn in TASKS for w in WORDS]
-            + ["user assistant"] * 5)
-
-
-def _llama_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"],
-                                                           show_progress=False))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
-def _qwen_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(_corpus(), trainers.BpeTrainer(
-        vocab_size=320, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=["<|im_start|>", "<|im_end|>"], chat_template=CHATML)
-
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

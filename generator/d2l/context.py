@@ -122,7 +122,7 @@ class ContextEncoder:
         view.layers = nn.ModuleList(list(decoder.layers)[:-1])
         self._view = view
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: training reads activations as constants of the hypernetwork's graph
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """ids, mask (n, S) → activations (n, L, S, H) in the model's dtype."""
         inputs: list[torch.Tensor] = []

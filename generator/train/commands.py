@@ -28,7 +28,7 @@ from generator import DEMO_BUNDLE
 
 def add_parsers(sub) -> None:
     t = sub.add_parser("train", help="task suites, base models, oracle LoRAs and hypernetworks: "
-                                     "suite | base | lora | recon | sft | demo | scaling")
+                                     "suite | base | lora | recon | sft | distill | demo | scaling")
     stages = t.add_subparsers(dest="stage", required=True, parser_class=type(t))
 
     def loop_args(sp, steps: int, lr: float) -> None:
@@ -140,6 +140,29 @@ def add_parsers(sub) -> None:
                        "(its input mixer, residual blocks and reader; none at generation), 0 to <1 (default 0)")
         h.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay of the hypernetwork (default 0)")
         loop_args(h, steps, 1e-3)
+
+    di = stages.add_parser("distill", help="a Doc-to-LoRA hypernetwork by context distillation: the base with the "
+                           "adapter it generates from a description answers as the base with the description in its prompt")
+    di.add_argument("--base", required=True, metavar="DIR", help="the base model (a causal LM whose tokenizer has a chat "
+                    "template): it reads the descriptions, teaches, and receives the adapters")
+    tasks_arg(di)
+    di.add_argument("--out", required=True, metavar="DIR")
+    di.add_argument("--teacher", choices=["description", "program"], default="description",
+                    help="the teacher's instruction: the description the adapter is made from (default), or the task's "
+                         "program where the suite has one")
+    di.add_argument("--ce-weight", type=float, default=0.0, help="add this times the cross-entropy on the answers (default 0)")
+    di.add_argument("--document-share", type=float, default=0.0, help="share of samples made from a training document")
+    di.add_argument("--target-modules", metavar="NAMES", default="down_proj",
+                    help="comma-separated projections to adapt (default: down_proj, as the released checkpoints)")
+    di.add_argument("--rank", type=int, default=8, help="rank r of one chunk's LoRA (default 8)")
+    di.add_argument("--latent", type=int, default=128, help="the Perceiver's width D (default 128)")
+    di.add_argument("--latent-queries", type=int, default=8, help="the Perceiver encoder's queries (default 8)")
+    di.add_argument("--blocks", type=int, default=2, help="the Perceiver encoder's cross-attention layers (default 2)")
+    di.add_argument("--chunk-tokens", type=int, default=0, help="tokens per chunk of a long text (default 0: one chunk)")
+    di.add_argument("--template", default="auto", help="prompt format of the examples, as for `train sft`")
+    di.add_argument("--base-id", metavar="ID", help="the base model id generated adapters name (default: the hub id in "
+                    "the base's config.json, else its directory)")
+    loop_args(di, 500, 1e-3)
 
     d = stages.add_parser("demo", help="build the whole demo bundle (suite, base, library, T2L recon + SFT, eval)")
     d.add_argument("--out", default=str(DEMO_BUNDLE), metavar="DIR", help=f"default: {DEMO_BUNDLE}")
@@ -315,7 +338,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.weight_decay < 0:
             raise InputError(f"--weight-decay must be at least 0, got {args.weight_decay}")
     suite = _suite(args.suite, args.seed)
-    if args.stage == "base":
+    if args.stage == "distill":
+        log = _distill(args, suite)
+    elif args.stage == "base":
         from generator.train.basemodel import pretrain_base
 
         if args.pack < 1:
@@ -365,6 +390,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"wrote {args.out}: loss {log['loss'][0]:.4f} -> {log['loss'][-1]:.4f} in {log['elapsed_s']:.0f} s "
           f"(train_log.json, loss.png)")
     return 0
+
+
+def _distill(args: argparse.Namespace, suite) -> dict:
+    from generator.errors import ConfigError, InputError
+    from generator.train.distill import d2l_config, train_distill
+    from generator.train.lora import LoraSettings
+
+    if args.base_id is not None and not args.base_id.strip():
+        raise InputError("--base-id must name the base model, e.g. Qwen/Qwen2.5-0.5B-Instruct")
+    base = _dir(args.base, "base model", "config.json")
+    try:
+        config = d2l_config(base, base_model=args.base_id, modules=LoraSettings.parse_modules(args.target_modules),
+                            r=args.rank, latent=args.latent, latent_queries=args.latent_queries, blocks=args.blocks,
+                            chunk_tokens=args.chunk_tokens)
+    except ConfigError as e:
+        raise InputError(str(e)) from None
+    return train_distill(config, suite, base, args.out, _loop(args), batch_size=args.batch_size, teacher=args.teacher,
+                         ce_weight=args.ce_weight, document_share=args.document_share, template=_template(args))
 
 
 def demo_config(args: argparse.Namespace):
