@@ -18,7 +18,6 @@ Document lengths count the chat-template tokens; tokenising is left out of the t
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path

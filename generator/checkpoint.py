@@ -37,8 +37,8 @@ from generator.config import T2L_ENCODER, EncoderSpec, HyperConfig, ModuleSpec
 from generator.d2l.config import KIND as D2L_KIND
 from generator.d2l.config import D2LConfig
 from generator.d2l.hypernet import D2LHypernet
-from generator.errors import CheckpointError, ConfigError
 from generator.d2l.released import import_d2l, is_d2l_source
+from generator.errors import CheckpointError, ConfigError
 from generator.hypernet import HyperLoRA, build_hypernet
 
 log = logging.getLogger(__name__)

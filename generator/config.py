@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -206,15 +207,7 @@ class HyperConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> HyperConfig:
-        if not isinstance(d, dict):
-            raise ConfigError("config must be a JSON object")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; this loragen knows {sorted(known)}")
-        missing = sorted(k for k in ("variant", "task_emb_dim", "latent", "head_in", "n_layers", "modules") if k not in d)
-        if missing:
-            raise ConfigError(f"config is missing required keys {missing}")
+        check_keys(cls, d, ("variant", "task_emb_dim", "latent", "head_in", "n_layers", "modules"))
         try:
             d = dict(d)
             d["modules"] = tuple(ModuleSpec(**m) for m in d["modules"])
@@ -233,6 +226,19 @@ class HyperConfig:
     def canonical_json(self) -> str:
         """Compact, key-sorted JSON: the form that is hashed into checkpoint identities."""
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+
+def check_keys(cls: type, d: Any, required: Sequence[str], what: str = "config") -> None:
+    """ConfigError unless `d` is a JSON object with every `required` key and no key the dataclass `cls` lacks."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{what} must be a JSON object")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {unknown}; this loragen knows {sorted(known)}")
+    missing = sorted(k for k in required if k not in d)
+    if missing:
+        raise ConfigError(f"{what} is missing required keys {missing}")
 
 
 def modules_for_base(base_config: Any, names: list[str] | tuple[str, ...]) -> tuple[ModuleSpec, ...]:

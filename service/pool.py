@@ -213,7 +213,7 @@ class WorkerPool:
     async def readiness(self) -> tuple[bool, dict]:
         # a dead worker thread is replaced by the supervisor; the models' memory is what an operator sizes hosts by
         memory: dict[str, dict[str, int]] = defaultdict(dict)
-        for (cid, device, part), n in self.memory.items():
+        for (cid, _device, part), n in self.memory.items():  # summed over devices
             memory[cid][f"{part}_bytes"] = memory[cid].get(f"{part}_bytes", 0) + n
         return True, {"model_memory": dict(memory)}
 

@@ -25,7 +25,7 @@ import torch
 from generator import DEMO_BUNDLE
 from generator.errors import InputError
 from generator.train.tasks import load_tasks, suite_from_tasks
-from tests.helpers import HELD_OUT, TASKS, TINY, WORDS, write_task_file
+from tests.helpers import HELD_OUT, TINY, write_task_file
 from tests.helpers import llama_tokenizer as _llama_tokenizer
 from tests.helpers import qwen_tokenizer as _qwen_tokenizer
 from tests.service_server import ServiceProcess

@@ -31,11 +31,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from generator.adapter import padded_rank
 from generator.checkpoint import Checkpoint
 from generator.config import modules_for_base
 from generator.d2l import context
 from generator.d2l.config import D2LConfig, PerceiverSpec
-from generator.adapter import padded_rank
 from generator.d2l.generator import DocLoraGenerator
 from generator.d2l.hypernet import D2LHypernet
 from generator.errors import CheckpointError, InputError

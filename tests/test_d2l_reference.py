@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from generator.adapter import padded_rank
 from generator.checkpoint import Checkpoint, load_checkpoint
 from generator.d2l import context
 from generator.d2l.config import D2LConfig
-from generator.adapter import padded_rank
 from generator.d2l.generator import DocLoraGenerator
 from generator.d2l.released import import_d2l, read_args
 from generator.errors import CheckpointError, DocumentTooLarge, InputError

@@ -253,7 +253,7 @@ def test_combine_refusals_over_http(http):
     mismatched = {"adapters": [good, {"id": q_only.headers["x-adapter-id"], "weight": 2}]}
     assert_error(http.post("/v1/adapters/combine", json=mismatched), 422, "invalid_input", "different target_modules")
     assert_error(http.post("/v1/adapters/combine", json={"adapters": [good]}), 422, "invalid_input", "give 2 to 32")
-    nan = '{"adapters": [{"id": "%s", "weight": NaN}, {"id": "%s"}]}' % (good["id"], good["id"])
+    nan = json.dumps({"adapters": [{"id": good["id"], "weight": "NAN"}, {"id": good["id"]}]}).replace('"NAN"', "NaN")
     r = http.post("/v1/adapters/combine", content=nan, headers={"content-type": "application/json"})
     assert_error(r, 422, "invalid_input", "the weight is nan")
     assert_error(http.post("/v1/adapters/combine", json={"adapters": [good, {"id": "not-an-id"}]}), 422,

@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from generator.config import MODULE_PARENTS, ModuleSpec
+from generator.config import MODULE_PARENTS, ModuleSpec, check_keys
 from generator.errors import ConfigError
 
 KIND = "d2l"
@@ -128,15 +128,7 @@ class D2LConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> D2LConfig:
-        if not isinstance(d, dict):
-            raise ConfigError("config must be a JSON object")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"unknown D2L config keys {unknown}; this loragen knows {sorted(known)}")
-        missing = sorted(k for k in ("base_model", "n_layers", "hidden", "modules") if k not in d)
-        if missing:
-            raise ConfigError(f"D2L config is missing required keys {missing}")
+        check_keys(cls, d, ("base_model", "n_layers", "hidden", "modules"), "D2L config")
         try:
             d = dict(d)
             d["modules"] = tuple(ModuleSpec(**m) for m in d["modules"])
