@@ -54,6 +54,11 @@ def test_a_document_becomes_the_reference_adapter_over_http(client, tmp_path):
     assert (logits - expected["logits_with_lora"]).abs().max().item() <= 2e-5
     again = client.post("/generate", json={"document": text("doc2_nonascii")})
     assert again.content == r.content and again.headers["x-adapter-id"] == r.headers["x-adapter-id"]
+    stats = client.get(f"/v1/adapters/{r.headers['x-adapter-id']}/stats")  # the playground's ΔW view of it
+    assert stats.status_code == 200, stats.text
+    view = stats.json()
+    assert view["checkpoint"] == "d2l" and view["n_layers"] == 4 and len(view["norms"]["down_proj"]) == 4
+    assert view["scaling"] == pytest.approx(2 * 8**1.5) and view["total_norm"] > 0  # PEFT's scaling is D2L's alpha
 
 
 def load_meta(raw: bytes) -> dict:

@@ -102,6 +102,23 @@ def test_the_teacher_reads_the_instruction_and_the_student_does_not(bases):
         assert any(text in suite.train_descriptions[t] for t in suite.seen)
 
 
+def test_the_program_teacher_reads_the_tasks_program_where_the_suite_has_one(bases):
+    from dataclasses import replace
+
+    from generator.train.basemodel import load_base
+
+    suite = suite_from_tasks(load_tasks(bases["tasks"]), seed=0)
+    programs = {t: [f"program of {t}"] for t in suite.seen[:1]}  # one task with a program, the others without
+    suite = replace(suite, instructions=programs)
+    _, fmt = load_base(bases["qwen"])
+    texts, _, teacher = draw(suite, fmt, random.Random(0), batch_size=16, teacher="program", document_share=0)
+    with_program = [fmt.tokenizer.decode(ids) for ids, _ in teacher if "program of" in fmt.tokenizer.decode(ids)]
+    assert with_program and all(f"program of {suite.seen[0]}" in t for t in with_program)
+    for text, (ids, _) in zip(texts, teacher, strict=True):  # the student's text is always a description
+        assert "program of" not in text
+        assert "program of" in fmt.tokenizer.decode(ids) or text in fmt.tokenizer.decode(ids)
+
+
 def test_a_base_without_a_chat_template_is_refused_in_one_line(bases, tmp_path, capsys):
     from transformers import LlamaConfig, LlamaForCausalLM
 
