@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import logging
-import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -19,7 +18,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from generator import __version__  # light: generator/__init__ imports no torch
-from service.errors import ApiError, HeadersTooLarge, PayloadTooLarge, RateLimited, envelope
+from service.errors import ApiError, HeadersTooLarge, PayloadTooLarge, envelope, rate_limited
 from service.logctx import REQUEST_ID, request_id_var, tag_log_lines
 from service.metrics import Metrics
 from service.settings import Settings
@@ -271,7 +270,9 @@ def _check_key(header: str, key_hashes: list[bytes]) -> tuple[int, str, str] | N
     """None if `Authorization: Bearer <key>` holds an accepted key; else (status, type, message).
     Keys are compared as sha256 digests with a constant-time comparison against every accepted one."""
     scheme, _, key = header.partition(" ")
-    if scheme.lower() != "bearer" or not key.strip():
+    if scheme and scheme.lower() != "bearer":
+        return 401, "unauthorized", f"this request sent a {scheme} credential; API keys go in Authorization: Bearer <key>"
+    if not key.strip():
         return 401, "unauthorized", "missing API key: send Authorization: Bearer <key>"
     digest = hashlib.sha256(key.strip().encode()).digest()
     ok = False
@@ -307,8 +308,7 @@ class Gate:
             wait_s = await limiter.take(_client_id(request, bool(self.key_hashes)))
             if wait_s > 0:
                 self.metrics.requests.labels("rate_limit", request.method, "429").inc()
-                e = RateLimited(f"rate limit of {limiter.rate:g} requests/s (burst {limiter.burst}) reached; "
-                                f"retry in {wait_s:.1f} s", headers={"Retry-After": str(math.ceil(wait_s))})
+                e = rate_limited("rate limit reached", limiter.rate, limiter.burst, wait_s)
                 return await envelope(e.status, e.type, e.message, rid, e.headers)(scope, receive, send)
         status = 500  # unless the app starts a response
 

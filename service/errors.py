@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
@@ -48,6 +50,13 @@ class Overloaded(ApiError):
 
 class RateLimited(ApiError):
     status, type = 429, "rate_limited"
+
+
+def rate_limited(what: str, rate: float, burst: int, wait_s: float) -> RateLimited:
+    """The 429 of a limit of `rate` requests/s: its message says to retry in the whole seconds Retry-After says."""
+    retry = max(1, math.ceil(wait_s))
+    unit = "request" if rate == 1 else "requests"
+    return RateLimited(f"{what}: {rate:g} {unit}/s, burst {burst}; retry in {retry} s", headers={"Retry-After": str(retry)})
 
 
 class Unavailable(ApiError):

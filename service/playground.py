@@ -20,7 +20,6 @@ import concurrent.futures
 import functools
 import json
 import logging
-import math
 import re
 import statistics
 import tempfile
@@ -39,7 +38,7 @@ from generator.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, read_safetensors_
 from generator.errors import LoragenError
 from generator.train.functional import lora_scaling
 from service.adapters import AdapterService
-from service.errors import ApiError, GenerationFailed, InvalidInput, Overloaded, RateLimited, Timeout
+from service.errors import ApiError, GenerationFailed, InvalidInput, Overloaded, Timeout, rate_limited
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -578,8 +577,7 @@ class Playground:
         if self.limiter is not None:
             wait_s = await self.limiter.take(client)
             if wait_s > 0:
-                raise RateLimited(f"try-it is limited to {self.limiter.rate:g} requests/s (burst {self.limiter.burst}); "
-                                  f"retry in {wait_s:.1f} s", headers={"Retry-After": str(math.ceil(wait_s))})
+                raise rate_limited("try-it is limited", self.limiter.rate, self.limiter.burst, wait_s)
         data = await self.service.get(body.id)
         provenance = json.loads(read_safetensors_metadata(data).get("loragen", "{}"))
         cid = self.by_sha.get(provenance.get("checkpoint_sha256", ""))

@@ -146,6 +146,15 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         return [k.strip() for k in value.split(",") if k.strip()] if isinstance(value, str) else value
 
+    @field_validator("api_keys_file")
+    @classmethod
+    def _check_keys_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            if not value.is_file():
+                raise ValueError(f"no file {value}; write one sha256 hex digest of a key per line there")
+            key_digests(value)  # a malformed line is refused now, before any model loads
+        return value
+
     @model_validator(mode="after")
     def _some_cache(self) -> Settings:
         if self.memory_cache_bytes == 0 and not self.redis_url:
@@ -156,18 +165,7 @@ class Settings(BaseSettings):
     def api_key_hashes(self) -> list[bytes]:
         """sha256 digests of every accepted key (from api_keys and api_keys_file)."""
         hashes = [hashlib.sha256(k.get_secret_value().encode()).digest() for k in self.api_keys]
-        if self.api_keys_file is not None:
-            for n, line in enumerate(self.api_keys_file.read_text().splitlines(), 1):
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    try:
-                        digest = bytes.fromhex(line)
-                    except ValueError:
-                        digest = b""
-                    if len(digest) != 32:
-                        raise ValueError(f"{self.api_keys_file}:{n}: expected a sha256 hex digest of a key")
-                    hashes.append(digest)
-        return hashes
+        return hashes + (key_digests(self.api_keys_file) if self.api_keys_file is not None else [])
 
     @field_validator("checkpoints", mode="before")
     @classmethod
@@ -230,6 +228,22 @@ class Settings(BaseSettings):
     def try_rate_limit(self) -> tuple[float, int] | None:
         """(tokens per second, burst) of POST /v1/try's own limit, or None when it has none."""
         return (self.try_rate_limit_per_s, self.try_rate_limit_burst) if self.try_rate_limit_per_s else None
+
+
+def key_digests(path: Path) -> list[bytes]:
+    """The sha256 digests in an API keys file: one hex digest per line; blank lines and # comments skipped."""
+    digests = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if line and not line.startswith("#"):
+            try:
+                digest = bytes.fromhex(line)
+            except ValueError:
+                digest = b""
+            if len(digest) != 32:
+                raise ValueError(f"{path}:{n}: expected a sha256 hex digest of a key")
+            digests.append(digest)
+    return digests
 
 
 def parse_checkpoint_arg(item: str) -> tuple[str, str]:

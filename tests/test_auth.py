@@ -28,7 +28,8 @@ def test_keys_enforced(secured):
     assert r.headers["www-authenticate"] == "Bearer"
     assert_error(c.post("/generate", json={"task": "x"}, headers={"Authorization": "Bearer wrong"}), 403, "forbidden")
     assert_error(c.get("/metrics"), 401, "unauthorized")
-    assert_error(c.get("/v1/checkpoints", headers={"Authorization": "Basic env-key-abc"}), 401, "unauthorized")
+    assert_error(c.get("/v1/checkpoints", headers={"Authorization": "Basic env-key-abc"}), 401, "unauthorized",
+                 "sent a Basic credential; API keys go in Authorization: Bearer <key>")
     for key in ("env-key-abc", "env-key-def", "file-key-123"):
         ok = c.post("/generate", json={"task": "secret task"}, headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200, key
