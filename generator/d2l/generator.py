@@ -170,12 +170,9 @@ class DocLoraGenerator:
             per_text = [self.chunks(inputs[i].text) for i in group]
             flat = [c for chunks in per_text for c in chunks]
             loras = self.chunk_loras(flat)  # {module: (A (n, L, r, d_in), B (n, L, r, d_out))}
-            start = 0
-            for i, chunks in zip(group, per_text, strict=True):
-                n = len(chunks)
-                mine = {m: (a[start : start + n], b[start : start + n]) for m, (a, b) in loras.items()}
-                start += n
-                adapter = self.to_adapter(self.net.combine(mine), n, dtype,
+            counts = [len(chunks) for chunks in per_text]
+            for i, n, ab in zip(group, counts, self.net.combine_each(loras, counts), strict=True):
+                adapter = self.to_adapter(ab, n, dtype,
                                           {**base, "input_kind": inputs[i].kind, "input_sha256": inputs[i].digest()})
                 if not adapter.all_finite():
                     raise InputError(f"generation produced non-finite weights for input {i} of this batch; "

@@ -244,6 +244,15 @@ class D2LHypernet(nn.Module):
         """Each chunk's LoRA: {module: (A (n, L, r, d_in), B (n, L, r, d_out))}."""
         return self.heads(self.perceiver(activations, mask))
 
+    def combine_each(self, chunks: dict[str, tuple[torch.Tensor, torch.Tensor]], counts: Sequence[int]
+                     ) -> list[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """A batch of several texts' chunks, `counts[i]` consecutive chunks for text i → each text's `combine`."""
+        out, start = [], 0
+        for n in counts:
+            out.append(self.combine({m: (a[start : start + n], b[start : start + n]) for m, (a, b) in chunks.items()}))
+            start += n
+        return out
+
     def combine(self, chunks: dict[str, tuple[torch.Tensor, torch.Tensor]], scalers: Sequence[float] | None = None,
                 bias_scaler: float | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """One document's chunks {module: (A (n, L, r, d_in), B (n, L, r, d_out))} → {module: (A (L, R, d_in),

@@ -113,11 +113,8 @@ class Reader(nn.Module):
         loras = self.net(self.encoder(ids, mask), mask)  # {module: (A (chunks, L, r, d_in), B (chunks, L, r, d_out))}
         rank = max(c.combined_rank(len(chunks)) for chunks in per_text)
         out: dict[str, tuple[list, list]] = {m.name: ([], []) for m in c.modules}
-        start = 0
-        for chunks in per_text:
-            mine = {m: (a[start : start + len(chunks)], b[start : start + len(chunks)]) for m, (a, b) in loras.items()}
-            start += len(chunks)
-            for m, (a, b) in self.net.combine(mine).items():  # (L, R_i, d_in), (L, R_i, d_out)
+        for combined in self.net.combine_each(loras, [len(chunks) for chunks in per_text]):
+            for m, (a, b) in combined.items():  # (L, R_i, d_in), (L, R_i, d_out)
                 pad = rank - a.shape[1]
                 out[m][0].append(F.pad(a, (0, 0, 0, pad)))
                 out[m][1].append(F.pad(b, (0, 0, 0, pad)).transpose(1, 2))  # (L, d_out, R): PEFT's lora_B layout
